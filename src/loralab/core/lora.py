@@ -1,0 +1,274 @@
+"""LoRA layers (Hu et al. 2021): a frozen base layer plus a trainable low-rank update, by composition.
+
+For a base map ``y = W0 x + b`` (W0 is out x in) an adapter ``name`` adds
+
+    y = W0 x + b + scaling * B A dropout(x),   A: r x in,  B: out x r,
+    scaling = lora_alpha / r            (lora_alpha / sqrt(r) with rsLoRA).
+
+A is initialised kaiming-uniform(a=sqrt(5)) (or N(0, 1/r) with ``"gaussian"``) and B = 0, so a fresh
+adapter is an exact no-op. Dropout touches only the LoRA input; the frozen path sees ``x`` unchanged.
+Merging folds the update into the base weight, ``W0 <- W0 + scaling * B A``, after which the forward
+is the base forward and nothing else; unmerging subtracts it again.
+
+Fused projections (GPT-2's ``c_attn``: out = 3 d, q|k|v) can be adapted per slice with
+``enable=[True, False, True]``: each enabled slice i gets its own A_i (r x in) and B_i (d x r), stored
+concatenated like loralib's MergedLinear (k = number of enabled slices)::
+
+    lora_A.<name>.weight : (r*k) x in   = [A_1; ...; A_k]
+    lora_B.<name>.weight : (d*k) x r    = [B_1; ...; B_k]
+
+The forward works on activations: h = A_cat x (one matmul), then slice i of the output gets
+``scaling * B_i h_i``; the dense (3d x in) update is only built by ``merge``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def base_kind(module: nn.Module) -> str:
+    """'linear' (nn.Linear), 'conv1d' (HF GPT-2 Conv1D, weight stored in x out) or 'quantized' (any
+    module with in_features, out_features and ``dequantize()``, e.g. a 4-bit Linear4bit)."""
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"):
+        return "conv1d"  # detected by name so that core never imports transformers
+    if hasattr(module, "dequantize") and hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return "quantized"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    raise TypeError(
+        f"LoraLinear cannot wrap {type(module).__name__}: expected nn.Linear, a GPT-2 Conv1D, or a module "
+        "with in_features, out_features and dequantize() (a 4-bit Linear4bit)"
+    )
+
+
+def lora_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in float32 over half/quantized bases (stable updates), in float64 over float64."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLayer(nn.Module):
+    """Bookkeeping shared by every LoRA wrapper: named adapters, which are active, which are merged.
+
+    Subclasses own the adapter parameters and implement ``_new_adapter``, ``delta_weight`` (the dense
+    update in the base weight's own layout) and ``forward``.
+    """
+
+    adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self.active_adapters: list[str] = []
+        self._disabled = False
+        self._branch: tuple[str, ...] = ()  # adapters the forward must compute: active, unmerged, enabled
+
+    # -- state ------------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapters_disabled(self) -> bool:
+        return self._disabled
+
+    @adapters_disabled.setter
+    def adapters_disabled(self, value: bool) -> None:
+        self._disabled = bool(value)
+        self._refresh()
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def weight(self) -> torch.Tensor:  # HF code reads e.g. `c_attn.weight.dtype`
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def _refresh(self) -> None:
+        self._branch = () if self._disabled else tuple(
+            n for n in self.active_adapters if n in self.r and n not in self.merged_adapters
+        )
+
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        enable: list[bool] | None = None,
+    ) -> None:
+        """Add adapter ``name`` (it becomes active alongside the already active ones)."""
+        if name in self.r:
+            raise ValueError(f"adapter {name!r} already exists in this layer; delete it first or pick another name")
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        self._new_adapter(name, r, enable)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name], self.lora_alpha[name] = r, float(lora_alpha)
+        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.reset_lora_parameters(name, init_lora_weights)
+        self.active_adapters.append(name)
+        self._refresh()
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        self.active_adapters = [n for n in names if n in self.r]
+        self._refresh()
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
+        for attr in self.adapter_attrs:
+            getattr(self, attr).pop(name, None)
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+        self._refresh()
+
+    # -- merge ------------------------------------------------------------------------------------------
+    def merge(self, names: list[str] | None = None) -> None:
+        """W0 <- W0 + scaling * delta for each adapter (default: the active ones), in place."""
+        for name in self.active_adapters if names is None else names:
+            if name not in self.r:
+                raise KeyError(f"no adapter {name!r} in this layer (has {self.adapter_names})")
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged; merging twice would add its update twice")
+            self._add_to_base_weight(self.delta_weight(name), +1.0)
+            self.merged_adapters.append(name)
+        self._refresh()
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Subtract merged updates again (default: all merged adapters, last merged first)."""
+        for name in list(reversed(self.merged_adapters)) if names is None else names:
+            if name not in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is not merged, nothing to unmerge")
+            self._add_to_base_weight(self.delta_weight(name), -1.0)
+            self.merged_adapters.remove(name)
+        self._refresh()
+
+    def _add_to_base_weight(self, delta: torch.Tensor, sign: float) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.add_(delta.to(weight.dtype), alpha=sign)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA over nn.Linear, GPT-2 Conv1D (weight in x out) or a quantized linear (4-bit base)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.kind = base_kind(base_layer)
+        if self.kind == "conv1d":
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        # Writing the update straight into the base output (one fused addmm) is safe only for bases whose
+        # backward does not keep their output; unknown bases get a copy.
+        self._inplace_ok = type(base_layer) is nn.Linear or self.kind == "conv1d"
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.enable: dict[str, list[bool] | None] = {}
+
+    def _new_adapter(self, name: str, r: int, enable: list[bool] | None) -> None:
+        k, d = 1, self.out_features
+        if enable is not None:
+            if not any(enable) or self.out_features % len(enable):
+                raise ValueError(
+                    f"fused enable={enable} needs >= 1 True and out_features ({self.out_features}) divisible by {len(enable)}"
+                )
+            k, d = sum(enable), self.out_features // len(enable)
+        weight = self.base_layer.weight
+        device = weight.device
+        dtype = lora_dtype(weight) if self.kind != "quantized" else torch.float32
+        self.lora_A[name] = nn.Linear(self.in_features, r * k, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, d * k, bias=False, device=device, dtype=dtype)
+        self.enable[name] = list(enable) if enable is not None else None
+
+    def reset_lora_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
+        """A ~ kaiming-uniform(a=sqrt(5)) or N(0, 1/r); B = 0. ``False`` leaves both random (not a no-op)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(A, std=1.0 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(B)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.enable.pop(name, None)
+
+    def _slices(self, name: str) -> list[tuple[int, int]]:
+        """(position among enabled slices, output slot) for each enabled slice of a fused adapter."""
+        return [(i, slot) for i, slot in enumerate(j for j, on in enumerate(self.enable[name]) if on)]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B A in the base weight's layout (transposed for Conv1D), computed in >= float32."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        compute = torch.float64 if A.dtype == torch.float64 else torch.float32
+        A, B, s = A.to(compute), B.to(compute), self.scaling[name]
+        if self.enable[name] is None:
+            delta = s * (B @ A)
+        else:  # dense (out x in) with zeros in the disabled slices
+            r, d = self.r[name], self.out_features // len(self.enable[name])
+            delta = A.new_zeros(self.out_features, self.in_features)
+            for i, slot in self._slices(name):
+                delta[slot * d:(slot + 1) * d] = s * (B[i * d:(i + 1) * d] @ A[i * r:(i + 1) * r])
+        return delta.T if self.kind == "conv1d" else delta
+
+    def _add_to_base_weight(self, delta: torch.Tensor, sign: float) -> None:
+        if self.kind == "quantized":
+            raise NotImplementedError(
+                f"cannot merge a LoRA update into a quantized base ({type(self.base_layer).__name__}): adding to "
+                "4-bit codes would requantize and lose the update. Export a merged model instead: dequantize the "
+                "base (loralab's QLoRA merge-export path) and merge into the full-precision weights."
+            )
+        super()._add_to_base_weight(delta, sign)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if not self._branch:  # merged or disabled: exactly the base forward
+            return y
+        if not self._inplace_ok:
+            y = y.clone()
+        y2 = y.view(-1, self.out_features)
+        for name in self._branch:
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            h = self.lora_dropout[name](x)
+            h = h.reshape(-1, self.in_features).to(A.dtype) @ A.T  # (N, r*k): one matmul for all slices
+            s = self.scaling[name]
+            if self.enable[name] is None:
+                self._accumulate(y2, h, B, s)
+            else:
+                r, d = self.r[name], self.out_features // len(self.enable[name])
+                for i, slot in self._slices(name):
+                    self._accumulate(y2[:, slot * d:(slot + 1) * d], h[:, i * r:(i + 1) * r], B[i * d:(i + 1) * d], s)
+        return y
+
+    @staticmethod
+    def _accumulate(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> None:
+        """out += s * h B^T, in place (a single addmm writing into the base output when dtypes agree)."""
+        if out.dtype == h.dtype:
+            out.addmm_(h, B.T, alpha=s)
+        else:
+            out.add_((h @ B.T).to(out.dtype), alpha=s)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"
