@@ -1,0 +1,269 @@
+"""Typed run config: coercion, unknown keys, ranges, layering, round-trip, generated docs."""
+
+import dataclasses
+import textwrap
+
+import pytest
+import yaml
+
+from loralab.core.config import LoraConfig
+from loralab.engine import config as C
+from loralab.engine.config import (ConfigError, LoraSection, RunConfig, TrainConfig, all_keys, config_help,
+                                   config_to_yaml_with_docs, load_config, save_config)
+
+
+@pytest.fixture(autouse=True)
+def _no_experiment_imports(monkeypatch):
+    """Presets of real experiments are not needed here; keep the registry isolated per test."""
+    monkeypatch.setattr(C, "_preset_modules_loaded", True)
+    monkeypatch.setattr(C, "PRESETS", dict(C.PRESETS))
+
+
+def _yaml(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_every_field_is_documented():
+    for cls in (RunConfig, *C.SECTIONS.values()):
+        docs = C.field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1e-4", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    ("lora.rank=4", "unknown key 'lora.rank'; did you mean 'lora.r'?"),
+    ("lr=1e-4", "unknown key 'lr'; did you mean 'train.lr'?"),
+    ("train.max_length=64", "unknown key 'train.max_length'; did you mean 'data.max_length'?"),
+    ("trian.epochs=2", "unknown key 'trian.epochs'; did you mean 'train.epochs'?"),
+])
+def test_unknown_override_names_the_closest_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == expected
+
+
+def test_unknown_yaml_key_at_any_level(tmp_path):
+    path = _yaml(tmp_path, """
+        train:
+          lr: 1.0e-4
+          warmup_ratoi: 0.1
+    """)
+    with pytest.raises(ConfigError, match=r"unknown key 'train.warmup_ratoi'; did you mean 'train.warmup_ratio'\?"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'; did you mean 'model'\?"):
+        load_config(_yaml(tmp_path, "modle: {name: x}\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'KEY'"):
+        load_config(None, ["KEY=x"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train.KEY'"):
+        load_config(None, ["train.KEY=x"])
+
+
+def test_yaml_strings_are_coerced_by_annotated_type(tmp_path):
+    # PyYAML reads 1e-8 and 1e3 (no dot) as strings; the annotations make them numbers.
+    path = _yaml(tmp_path, """
+        train: {eps: 1e-8, lr: 5e-4, max_steps: 1e3, bf16: yes, betas: [0.9, 0.95], epochs: 2}
+        lora: {target_modules: q_proj, modules_to_save: "classifier, pooler", alpha: 16}
+        model: {num_labels: null}
+    """)
+    assert yaml.safe_load("x: 1e-8")["x"] == "1e-8"  # the trap this guards against
+    cfg = load_config(path)
+    assert cfg.train.eps == 1e-8 and type(cfg.train.eps) is float
+    assert cfg.train.lr == 0.0005
+    assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
+    assert cfg.train.bf16 is True
+    assert cfg.train.betas == [0.9, 0.95]
+    assert cfg.train.epochs == 2.0 and type(cfg.train.epochs) is float
+    assert cfg.lora.target_modules == "q_proj"  # list | str: a string stays one pattern
+    assert cfg.lora.modules_to_save == ["classifier", "pooler"]  # pure list: comma-separated
+    assert cfg.lora.alpha == 16.0 and type(cfg.lora.alpha) is float
+    assert cfg.model.num_labels is None
+
+
+def test_override_values_are_parsed_and_typed():
+    cfg = load_config(None, ["lora.target_modules=[q_proj,v_proj]", "train.lr=4e-4", "model.num_labels=None",
+                             "data.task=yes", "model.name=1e3", "lora.fused_qkv={c_attn: [true, false, true]}",
+                             "lora.rank_pattern.encoder.layer.0.query=4", "data.system_prompt=You are: terse"])
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.lr == 4e-4
+    assert cfg.model.num_labels is None
+    assert cfg.data.task == "yes"  # YAML would say True; a str field keeps the text typed
+    assert cfg.model.name == "1e3"
+    assert cfg.lora.fused_qkv == {"c_attn": [True, False, True]}
+    assert cfg.lora.rank_pattern == {"encoder.layer.0.query": 4}  # module names contain dots
+    assert cfg.data.system_prompt == "You are: terse"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=16.5", "train.batch_size (from override 'train.batch_size=16.5'): expected int, got 16.5"),
+    ("train.batch_size=true", "expected int, got True"),
+    ("train.lr=abc", "train.lr (from override 'train.lr=abc'): expected float, got 'abc'"),
+    ("train.lr=nan", "expected float, got 'nan' (not finite)"),
+    ("train.bf16=2", "train.bf16 (from override 'train.bf16=2'): expected bool, got 2"),
+    ("model.quantize=NF4", "expected 'none' | 'nf4' | 'fp4' | 'int4', got 'NF4'; did you mean 'nf4'?"),
+    ("train.betas=[0.9, x]", "train.betas (from override 'train.betas=[0.9, x]')[1]: expected float, got 'x'"),
+    ("lora.fused_qkv=[1]", "expected dict[str, list[bool]], got [1]"),
+    ("train.lr=[1", "override 'train.lr=[1': the value is not valid YAML"),
+    ("train.lr", "override 'train.lr' is not key=value"),
+])
+def test_type_errors_name_key_value_and_type(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.r=0", "lora.r: must be >= 1, got 0"),
+    ("lora.dropout=1.0", "lora.dropout: must be in [0, 1), got 1.0"),
+    ("lora.dropout=-0.1", "lora.dropout: must be in [0, 1), got -0.1"),
+    ("lora.alpha=0", "lora.alpha: must be > 0"),
+    ("lora.target_modules=[]", "lora.target_modules: is empty"),
+    ("lora.target_modules=q_proj,v_proj", "write a list: lora.target_modules=[q_proj,v_proj]"),
+    ("lora.rank_pattern={q: 0}", "lora.rank_pattern.q: must be >= 1, got 0"),
+    ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+    ("train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
+    ("train.grad_accum=0", "train.grad_accum: must be >= 1, got 0"),
+    ("train.warmup_ratio=1", "train.warmup_ratio: must be in [0, 1), got 1.0"),
+    ("train.epochs=0", "train.epochs: must be > 0, got 0.0"),
+    ("train.label_smoothing=1", "train.label_smoothing: must be in [0, 1), got 1.0"),
+    ("train.betas=[0.9]", "train.betas: must be two numbers in [0, 1)"),
+    ("train.betas=[0.9, 1.0]", "train.betas: must be two numbers in [0, 1)"),
+    ("train.eps=0", "train.eps: must be > 0"),
+    ("train.max_steps=-1", "train.max_steps: must be >= 0, got -1"),
+    ("train.log_every=0", "train.log_every: must be >= 1, got 0"),
+    ("data.max_length=0", "data.max_length: must be >= 1, got 0"),
+    ("model.num_labels=0", "model.num_labels: must be >= 1 or None, got 0"),
+    ("generate.temperature=0", "generate.temperature: must be > 0"),
+    ("generate.do_sample=true", "set generate.num_beams=1"),
+])
+def test_range_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_range_boundaries_that_are_allowed():
+    cfg = load_config(None, ["lora.dropout=0", "train.warmup_ratio=0.0", "train.label_smoothing=0.99", "lora.r=1",
+                             "train.betas=[0, 0.999]", "generate.do_sample=true", "generate.num_beams=1"])
+    assert (cfg.lora.dropout, cfg.train.label_smoothing, cfg.lora.r) == (0.0, 0.99, 1)
+
+
+def test_all_range_errors_reported_at_once_across_sections():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.lr=-1", "lora.r=0", "data.max_length=0"])
+    text = str(err.value)
+    assert "train.lr" in text and "lora.r" in text and "data.max_length" in text
+
+
+def test_quantized_base_needs_lora():
+    with pytest.raises(ConfigError, match="'full' cannot train a nf4-quantized base"):
+        load_config(None, ["model.quantize=nf4", "lora.method=full"])
+    assert load_config(None, ["model.quantize=nf4"]).model.quantize == "nf4"
+
+
+def test_direct_construction_coerces_and_validates():
+    assert TrainConfig(lr="1e-4", eps="1e-8").lr == 1e-4
+    with pytest.raises(ConfigError, match="train.lr: must be > 0"):
+        TrainConfig(lr=-1.0)
+    cfg = RunConfig(train={"lr": 2e-4}, lora=LoraSection(r=4))
+    assert cfg.train.lr == 2e-4 and cfg.lora.r == 4 and cfg.model == C.ModelConfig()
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
+        RunConfig(train={"lrr": 1})
+
+
+def test_layer_precedence_defaults_preset_yaml_overrides(tmp_path):
+    C.register_preset("t-preset", {"train.lr": 1e-3, "train.epochs": 5, "lora": {"r": 4, "alpha": 4}})
+    path = _yaml(tmp_path, "preset: t-preset\ntrain: {epochs: 7, seed: 3}\n")
+    cfg = load_config(path, ["train.seed=9"])
+    assert cfg.train.lr == 1e-3          # preset
+    assert cfg.lora.r == 4               # preset (nested form)
+    assert cfg.train.epochs == 7.0       # YAML beats preset
+    assert cfg.train.seed == 9           # override beats YAML
+    assert cfg.train.batch_size == 16    # default
+    same = load_config(_yaml(tmp_path, "train: {epochs: 7, seed: 3}\n", "d.yaml"), ["train.seed=9", "preset=t-preset"])
+    assert same == cfg
+    assert load_config(None, [], preset="t-preset").train.lr == 1e-3
+
+
+def test_preset_errors():
+    C.register_preset("glue-cpu-sst2-test", {"data.task": "sst2"})
+    with pytest.raises(ConfigError, match=r"unknown preset 'glue-cpu-sst2-tset'; did you mean 'glue-cpu-sst2-test'\?"):
+        load_config(None, [], preset="glue-cpu-sst2-tset")
+    C.register_preset("other", {})
+    with pytest.raises(ConfigError, match="several presets"):
+        load_config(None, ["preset=other"], preset="glue-cpu-sst2-test")
+    with pytest.raises(ConfigError, match="preset 'bad'.*unknown key 'train.lrr'"):
+        C.register_preset("bad", {"train.lrr": 1})
+    with pytest.raises(ConfigError, match="unknown key"):
+        C.register_preset("bad", {"train.lrr": 1})
+    assert "bad" not in C.PRESETS
+
+
+def test_base_config_is_the_starting_layer():
+    base = load_config(None, ["train.lr=1e-3", "lora.r=16"])
+    cfg = load_config(None, ["train.seed=4"], base=base)
+    assert (cfg.train.lr, cfg.lora.r, cfg.train.seed) == (1e-3, 16, 4)
+    assert base.train.seed == 0  # not mutated
+
+
+def test_partial_yaml_and_file_errors(tmp_path):
+    cfg = load_config(_yaml(tmp_path, "train:\n  lr: 3e-4\n"))
+    assert cfg.train.lr == 3e-4 and cfg.lora == LoraSection() and cfg.data == C.DataConfig()
+    assert load_config(_yaml(tmp_path, "", "empty.yaml")) == RunConfig()
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(_yaml(tmp_path, "- 1\n- 2\n", "list.yaml"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="train .*expected a mapping"):
+        load_config(_yaml(tmp_path, "train: 3\n", "scalar.yaml"))
+
+
+def _nondefault() -> RunConfig:
+    return load_config(None, [
+        "experiment=e2e", "name=my run", "model.name=smollm2-135m", "model.quantize=nf4", "model.num_labels=3",
+        "lora.target_modules=[q_proj,v_proj]", "lora.exclude_modules=.*lm_head", "lora.rank_pattern={q_proj: 4}",
+        "lora.alpha_pattern={v_proj: 2.5}", "lora.fused_qkv={c_attn: [true, false, true]}", "lora.init=gaussian",
+        "train.eps=1e-7", "train.lr=3.3e-5", "train.betas=[0.9, 0.95]", "train.max_steps=100",
+        "data.system_prompt=Be brief.\nReally: brief #1", "generate.length_penalty=-0.5",
+    ])
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = _nondefault()
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert not (tmp_path / "config.yaml.tmp").exists()
+    # The documented YAML (comments above each field) is loadable too, to the same config.
+    (tmp_path / "doc.yaml").write_text(config_to_yaml_with_docs(cfg))
+    assert load_config(tmp_path / "doc.yaml") == cfg
+    assert "# Peak learning rate (> 0)." in config_to_yaml_with_docs(cfg)
+
+
+def test_to_lora_config_maps_every_setting():
+    section = _nondefault().lora
+    lora = section.to_lora_config(task_type="CAUSAL_LM")
+    assert isinstance(lora, LoraConfig)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (section.r, section.alpha, section.dropout)
+    assert lora.target_modules == ["q_proj", "v_proj"] and lora.exclude_modules == ".*lm_head"
+    assert lora.init_lora_weights == "gaussian" and lora.rank_pattern == {"q_proj": 4}
+    assert lora.alpha_pattern == {"v_proj": 2.5} and lora.fused_qkv == {"c_attn": [True, False, True]}
+    assert lora.task_type == "CAUSAL_LM"
+    assert LoraSection().to_lora_config().init_lora_weights is True
+    lora.target_modules.append("k_proj")  # a copy, not the section's list
+    assert section.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="lora.method is 'bitfit'"):
+        LoraSection(method="bitfit").to_lora_config()
+
+
+def test_help_lists_every_key_with_doc_and_default():
+    text = config_help(RunConfig)
+    for key in all_keys():
+        section, _, name = key.rpartition(".")
+        cls = C.SECTIONS[section] if section else RunConfig
+        first_doc_line = C.field_docs(cls)[name].splitlines()[0]
+        assert f"  {key} (" in text, key
+        assert first_doc_line in text, key
+    assert "train.lr (float, default 0.0005)" in text
+    assert "train.optimizer ('adamw' | 'adamw8bit' | 'paged_adamw' | 'paged_adamw8bit', default 'adamw')" in text
