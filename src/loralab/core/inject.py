@@ -287,7 +287,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for _, layer in lora_modules(model):
         layer.delete_adapter(adapter_name)
     for wrapper in _saved_wrappers(model):
-        wrapper.modules_to_save.pop(adapter_name, None)
+        if adapter_name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[adapter_name]
         if wrapper.active_adapter == adapter_name:
             wrapper.active_adapter = None
     del model.lora_configs[adapter_name]

@@ -133,7 +133,9 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
         for attr in self.adapter_attrs:
-            getattr(self, attr).pop(name, None)
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]

@@ -1,0 +1,263 @@
+"""LoraLinear against explicit float64 formulas: y = W0 x + b + scaling * B A x."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from loralab.core.lora import LoraLinear
+
+D = torch.float64
+
+
+def _randomize(layer: LoraLinear, name: str) -> None:
+    """Nonzero B so the update is visible (a fresh adapter has B = 0)."""
+    with torch.no_grad():
+        layer.lora_B[name].weight.normal_()
+
+
+def _W(base: nn.Module) -> torch.Tensor:
+    """The base weight as (out, in)."""
+    return base.weight.T if isinstance(base, Conv1D) else base.weight
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(10, 6), lambda: Conv1D(6, 10)], ids=["linear", "conv1d"])
+def test_forward_matches_float64_formula(make_base):
+    base = make_base().to(D)
+    layer = LoraLinear(base)
+    layer.update_layer("a", r=3, lora_alpha=6)
+    _randomize(layer, "a")
+    x = torch.randn(2, 5, 10, dtype=D)
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    assert A.shape == (3, 10) and B.shape == (6, 3)
+    ref = x @ _W(base).T + base.bias + 2.0 * (x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-12)
+
+
+def test_fresh_adapter_is_exact_noop_and_init_distributions():
+    base = nn.Linear(400, 8)
+    layer = LoraLinear(base)
+    layer.update_layer("k", r=16, lora_alpha=16)
+    layer.update_layer("g", r=16, lora_alpha=16, init_lora_weights="gaussian")
+    x = torch.randn(4, 400)
+    assert torch.equal(layer(x), base(x))
+    A = layer.lora_A["k"].weight
+    bound = 1 / math.sqrt(400)  # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert A.abs().max() <= bound and A.abs().max() > 0.95 * bound
+    assert torch.all(layer.lora_B["k"].weight == 0) and torch.all(layer.lora_B["g"].weight == 0)
+    assert abs(layer.lora_A["g"].weight.std().item() - 1 / 16) < 0.05 / 16
+
+
+def test_rslora_scaling():
+    layer = LoraLinear(nn.Linear(5, 5).to(D))
+    layer.update_layer("rs", r=4, lora_alpha=8, use_rslora=True)
+    layer.update_layer("std", r=4, lora_alpha=8)
+    assert layer.scaling["rs"] == pytest.approx(8 / math.sqrt(4)) and layer.scaling["std"] == pytest.approx(2.0)
+    layer.set_adapter("rs")
+    _randomize(layer, "rs")
+    x = torch.randn(3, 5, dtype=D)
+    A, B = layer.lora_A["rs"].weight, layer.lora_B["rs"].weight
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + 4.0 * x @ (B @ A).T, rtol=0, atol=1e-12)
+
+
+def _fused_reference(layer: LoraLinear, name: str, enable: list[bool]) -> torch.Tensor:
+    """Dense (out x in) update assembled by hand from the documented layout."""
+    r, k = layer.r[name], sum(enable)
+    d = layer.out_features // len(enable)
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    assert A.shape == (r * k, layer.in_features) and B.shape == (d * k, r)
+    delta = torch.zeros(layer.out_features, layer.in_features, dtype=D)
+    i = 0
+    for slot, on in enumerate(enable):
+        if on:
+            delta[slot * d:(slot + 1) * d] = B[i * d:(i + 1) * d] @ A[i * r:(i + 1) * r]
+            i += 1
+    return layer.scaling[name] * delta
+
+
+@pytest.mark.parametrize("enable", [[True, False, True], [False, True, False], [True, True, True]])
+def test_fused_slices_match_dense_reference_without_building_it(enable, monkeypatch):
+    base = Conv1D(3 * 8, 8).to(D)  # GPT-2 c_attn shape: in d, out 3d
+    layer = LoraLinear(base)
+    layer.update_layer("qv", r=2, lora_alpha=4, enable=enable)
+    _randomize(layer, "qv")
+    x = torch.randn(2, 3, 8, dtype=D)
+    ref = x @ base.weight + base.bias + x @ _fused_reference(layer, "qv", enable).T
+    monkeypatch.setattr(LoraLinear, "delta_weight", lambda *a: pytest.fail("forward built the dense update"))
+    out = layer(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # disabled slices are exactly the base output
+    base_out = x @ base.weight + base.bias
+    for slot, on in enumerate(enable):
+        if not on:
+            assert torch.equal(out[..., slot * 8:(slot + 1) * 8], base_out[..., slot * 8:(slot + 1) * 8])
+
+
+def test_fused_merge_equals_dense_reference():
+    base = nn.Linear(8, 24).to(D)
+    W0 = base.weight.detach().clone()
+    layer = LoraLinear(base)
+    layer.update_layer("qv", r=2, lora_alpha=2, enable=[True, False, True])
+    _randomize(layer, "qv")
+    layer.merge()
+    torch.testing.assert_close(base.weight, W0 + _fused_reference(layer, "qv", [True, False, True]), rtol=0, atol=1e-12)
+
+
+def test_fused_enable_must_divide_out_features():
+    with pytest.raises(ValueError, match="divisible"):
+        LoraLinear(nn.Linear(4, 10)).update_layer("a", 2, 2, enable=[True, False, True])
+
+
+def test_dropout_only_on_lora_input():
+    """r = in, A = I, B = I: the LoRA delta is s * dropout(x) exactly, so each entry of y - base(x) is 0 or
+    s x / (1 - p); the base output itself never sees the mask."""
+    p, n = 0.25, 64
+    base = nn.Linear(n, n).to(D)
+    layer = LoraLinear(base)
+    layer.update_layer("d", r=n, lora_alpha=n, lora_dropout=p)  # scaling 1
+    with torch.no_grad():
+        layer.lora_A["d"].weight.copy_(torch.eye(n))
+        layer.lora_B["d"].weight.copy_(torch.eye(n))
+    x = torch.randn(200, n, dtype=D)
+    layer.train()
+    delta = layer(x) - (x @ base.weight.T + base.bias)
+    kept = (delta - x / (1 - p)).abs() < 1e-9
+    dropped = delta.abs() < 1e-9
+    assert torch.all(kept | dropped)
+    assert abs(dropped.double().mean().item() - p) < 0.02
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ base.weight.T + base.bias + x, rtol=0, atol=1e-12)
+
+
+def test_dropout_expectation_equals_undropped_update():
+    base = nn.Linear(6, 4).to(D)
+    layer = LoraLinear(base)
+    layer.update_layer("d", r=2, lora_alpha=2, lora_dropout=0.5)
+    _randomize(layer, "d")
+    x = torch.randn(1, 6, dtype=D).expand(20000, 6)
+    layer.train()
+    mean_delta = (layer(x) - base(x)).mean(0)
+    A, B = layer.lora_A["d"].weight, layer.lora_B["d"].weight
+    torch.testing.assert_close(mean_delta, (x[0] @ A.T @ B.T), rtol=0, atol=0.05)
+
+
+def test_only_lora_parameters_get_gradients():
+    base = nn.Linear(6, 4)
+    base.requires_grad_(False)
+    layer = LoraLinear(base)
+    layer.update_layer("a", 2, 2)
+    _randomize(layer, "a")
+    layer(torch.randn(3, 6)).pow(2).sum().backward()
+    got = {n for n, p in layer.named_parameters() if p.grad is not None}
+    assert got == {"lora_A.a.weight", "lora_B.a.weight"}
+    assert layer.lora_A["a"].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(10, 6), lambda: Conv1D(6, 10)], ids=["linear", "conv1d"])
+def test_merge_unmerge_round_trip_and_double_merge_refused(make_base):
+    base = make_base()
+    W0 = base.weight.detach().clone()
+    layer = LoraLinear(base)
+    layer.update_layer("a", 3, 6)
+    _randomize(layer, "a")
+    x = torch.randn(4, 10)
+    unmerged = layer(x)
+    layer.merge()
+    delta = 2.0 * (layer.lora_B["a"].weight.double() @ layer.lora_A["a"].weight.double())
+    expected_W = W0.double() + (delta.T if isinstance(base, Conv1D) else delta)
+    torch.testing.assert_close(base.weight.double(), expected_W, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge(["a"])
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, W0, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge(["a"])
+
+
+def test_merged_forward_skips_lora_branch():
+    """After merge the LoRA weights are not read at all: poisoning them changes nothing."""
+    base = nn.Linear(5, 5)
+    layer = LoraLinear(base)
+    layer.update_layer("a", 2, 2)
+    _randomize(layer, "a")
+    layer.merge()
+    with torch.no_grad():
+        layer.lora_A["a"].weight.fill_(float("nan"))
+    x = torch.randn(3, 5)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_two_adapters_sum_when_both_active_and_switch():
+    base = nn.Linear(6, 4).to(D)
+    layer = LoraLinear(base)
+    layer.update_layer("a", 2, 2)
+    layer.update_layer("b", 3, 6)
+    _randomize(layer, "a"), _randomize(layer, "b")
+    x = torch.randn(5, 6, dtype=D)
+
+    def upd(n):
+        return layer.scaling[n] * x @ (layer.lora_B[n].weight @ layer.lora_A[n].weight).T
+
+    torch.testing.assert_close(layer(x), base(x) + upd("a") + upd("b"), rtol=0, atol=1e-12)
+    layer.set_adapter("b")
+    torch.testing.assert_close(layer(x), base(x) + upd("b"), rtol=0, atol=1e-12)
+    layer.delete_adapter("a")
+    assert "a" not in layer.lora_A and "a" not in layer.scaling
+
+
+class FakeQuantLinear(nn.Module):
+    """Stand-in for a 4-bit base: exposes in/out features and dequantize(), stores int8 codes."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.scale = w.abs().max() / 127
+        self.weight = nn.Parameter(torch.round(w / self.scale).to(torch.int8), requires_grad=False)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scale
+
+    def forward(self, x):
+        return x @ self.dequantize().T
+
+
+def test_quantized_base_forward_and_merge_refused():
+    base = FakeQuantLinear(torch.randn(4, 6))
+    layer = LoraLinear(base)
+    assert layer.kind == "quantized"
+    layer.update_layer("q", 2, 4)
+    assert layer.lora_A["q"].weight.dtype == torch.float32
+    _randomize(layer, "q")
+    x = torch.randn(3, 6)
+    A, B = layer.lora_A["q"].weight, layer.lora_B["q"].weight
+    torch.testing.assert_close(layer(x), x @ base.dequantize().T + 2 * x @ A.T @ B.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="quantized"):
+        layer.merge()
+
+
+def test_bf16_base_keeps_dtype_with_fp32_adapters():
+    base = nn.Linear(8, 8).to(torch.bfloat16)
+    layer = LoraLinear(base)
+    layer.update_layer("a", 2, 2)
+    assert layer.lora_A["a"].weight.dtype == torch.float32
+    _randomize(layer, "a")
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    A, B = layer.lora_A["a"].weight.double(), layer.lora_B["a"].weight.double()
+    ref = x.double() @ base.weight.double().T + base.bias.double() + x.double() @ A.T @ B.T
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=5e-2)
+    layer.merge()
+    assert base.weight.dtype == torch.bfloat16
+
+
+def test_unsupported_base_rejected():
+    with pytest.raises(TypeError, match="cannot wrap"):
+        LoraLinear(nn.LayerNorm(4))
