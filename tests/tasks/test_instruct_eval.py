@@ -1,0 +1,185 @@
+"""Instruction-tuning evaluation: the adapter-present guard, held-out loss vs base, generation, GSM8K scoring."""
+import copy
+
+import pytest
+import torch
+
+from loralab.core.config import LoraConfig
+from loralab.core.inject import disable_adapters, inject_adapter, lora_modules
+from loralab.tasks import instruct as I
+from loralab.tasks import instruct_eval as E
+
+from .test_instruct import CONV, _tiny_llama, tiny_tokenizer
+
+CONVS = [CONV, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "yz"}],
+         [{"role": "user", "content": "What is 9+3?"}, {"role": "assistant", "content": "12"}]]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    exs = I.tokenize_all(tok, CONVS)
+    base = _tiny_llama(len(tok), seed=1)
+    model = inject_adapter(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    collate = I.make_collate(tok.pad_token_id)
+    return tok, exs, base, model, collate
+
+
+def trained(model, exs, collate, steps=3):
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    task = I.make_task(exs, [], 0)
+    batch = collate(exs)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        task.loss(model, batch).backward()
+        opt.step()
+    return model.eval()
+
+
+def random_adapter(model, seed=0, scale=0.02):
+    """Non-zero random lora_B: a 'trained' adapter whose greedy outputs are long random token strings."""
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            w = layer.lora_B["default"].weight
+            w.copy_(torch.randn(w.shape, generator=g) * scale)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- guard
+
+def test_guard_refuses_untrained_adapter(setup):
+    tok, exs, base, model, collate = setup
+    with pytest.raises(E.AdapterNotPresentError, match="all-zero lora_B"):
+        E.assert_adapter_present(model, collate(exs))
+
+
+def test_guard_refuses_model_without_adapter_and_disabled_adapter(setup):
+    tok, exs, base, model, collate = setup
+    with pytest.raises(E.AdapterNotPresentError, match="no LoRA layers"):
+        E.assert_adapter_present(base, collate(exs))
+    tuned = trained(model, exs, collate)
+    with disable_adapters(tuned):
+        with pytest.raises(E.AdapterNotPresentError, match="disabled"):
+            E.assert_adapter_present(tuned, collate(exs))
+
+
+def test_guard_refuses_adapter_that_does_not_change_logits(setup):
+    tok, exs, base, model, collate = setup
+    m = copy.deepcopy(model)
+    for _, layer in lora_modules(m):  # B non-zero but A zero: B A = 0, logits identical to the base
+        torch.nn.init.ones_(layer.lora_B["default"].weight)
+        torch.nn.init.zeros_(layer.lora_A["default"].weight)
+    with pytest.raises(E.AdapterNotPresentError, match="does not change the logits"):
+        E.assert_adapter_present(m, collate(exs))
+
+
+def test_guard_passes_trained_adapter(setup):
+    tok, exs, base, model, collate = setup
+    tuned = trained(model, exs, collate)
+    tuned.train()
+    info = E.assert_adapter_present(tuned, collate(exs))
+    assert tuned.training  # mode restored
+    n_linear = sum(1 for name, m in base.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    assert info["lora_layers"] == n_linear and info["max_logit_change"] > 0
+
+
+# ----------------------------------------------------------------------------- held-out loss
+
+def test_compare_heldout_loss_base_is_the_untouched_model(setup):
+    tok, exs, base, model, collate = setup
+    tuned = trained(model, exs, collate, steps=5)
+    out = E.compare_heldout_loss(tuned, exs, collate, batch_size=2)
+    with torch.no_grad():  # independent reference: the original base model, float64 log-softmax
+        total, n = 0.0, 0
+        for ex in exs:
+            logp = base(torch.tensor([ex["input_ids"]])).logits[0, :-1].double().log_softmax(-1)
+            lab = torch.tensor(ex["labels"][1:])
+            keep = lab != -100
+            total -= logp[keep, lab[keep]].sum().item()
+            n += int(keep.sum())
+    assert out["tokens"] == n
+    assert out["base_loss"] == pytest.approx(total / n, rel=1e-5)
+    assert out["base_ppl"] == pytest.approx(torch.tensor(total / n, dtype=torch.float64).exp().item(), rel=1e-5)
+    assert out["finetuned_loss"] < out["base_loss"]  # trained on these very examples
+
+
+# ----------------------------------------------------------------------------- generation
+
+def greedy_reference(model, tok, prompt, max_new_tokens, ids_only=False):
+    """One prompt, no padding, no KV cache: argmax of the full forward each step."""
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  tokenize=True)["input_ids"]
+    eos = I.end_of_turn_ids(tok)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+    if ids_only:
+        return out
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def test_batched_left_padded_generation_matches_one_by_one(setup):
+    tok, exs, base, model, collate = setup
+    tuned = random_adapter(model)
+    prompts = E.STUDY_PROMPTS  # different lengths -> left padding inside the batch
+    got = E.generate_ids(tuned, tok, prompts, max_new_tokens=8, batch_size=4)
+    assert got == [greedy_reference(tuned, tok, p, 8, ids_only=True) for p in prompts]
+    assert all(len(set(g)) >= 4 for g in got)  # varied tokens came out, not empty or constant replies
+    assert E.generate(tuned, tok, prompts, max_new_tokens=8) == [tok.decode(g, skip_special_tokens=True).strip()
+                                                                 for g in got]
+
+
+def test_side_by_side_base_column_is_the_base_model(setup):
+    tok, exs, base, model, collate = setup
+    tuned = random_adapter(model, seed=1, scale=0.5)
+    rows = E.side_by_side(tuned, tok, E.STUDY_PROMPTS[:2], max_new_tokens=5)
+    assert all(r["base"] != r["finetuned"] for r in rows)
+    assert [r["prompt"] for r in rows] == E.STUDY_PROMPTS[:2]
+    assert [r["base"] for r in rows] == [greedy_reference(base, tok, p, 5) for p in E.STUDY_PROMPTS[:2]]
+    assert [r["finetuned"] for r in rows] == [greedy_reference(tuned, tok, p, 5) for p in E.STUDY_PROMPTS[:2]]
+
+
+# ----------------------------------------------------------------------------- GSM8K scoring
+
+@pytest.mark.parametrize("text, expected", [
+    ("so she makes 9 * 2 = 18 dollars.\n#### 18", "18"),
+    ("#### $1,000", "1000"),
+    ("The answer is 18.00", "18"),
+    ("It costs $3.50 each, so 2 cost $7.", "7"),
+    ("Total: 1,234,567 apples", "1234567"),
+    ("Temperature drops to -5 degrees", "-5"),
+    ("#### 42\nLater I said 7", "42"),          # after #### wins over the last number
+    ("#### none\nbut really 5", "5"),            # #### without a number: fall back to the last number
+    ("no numbers here", None),
+    ("0.50 of them", "0.5"),
+    ("items 5, 6, and 7", "7"),
+])
+def test_extract_final_number(text, expected):
+    assert E.extract_final_number(text) == expected
+
+
+def test_every_shipped_gsm8k_reference_parses():
+    recs = I.read_records(I.gsm8k_path())
+    refs = [E.gsm8k_reference(r["answer"]) for r in recs]
+    assert refs[0] == "18" and all(E.normalize_number(r) == r for r in refs)
+    with pytest.raises(ValueError, match="no '#### <number>'"):
+        E.gsm8k_reference("just text")
+
+
+def test_gsm8k_exact_match_scoring(monkeypatch):
+    problems = [{"question": "q1", "answer": "... #### 18"}, {"question": "q2", "answer": "#### 1,000"},
+                {"question": "q3", "answer": "#### 7"}]
+    outputs = {"q1": "She makes $18.", "q2": "#### 1000", "q3": "about 8"}
+    monkeypatch.setattr(E, "generate", lambda model, tok, qs, *a, **k: [outputs[q] for q in qs])
+    out = E.gsm8k_exact_match(None, None, problems)
+    assert out["exact_match"] == pytest.approx(2 / 3) and out["n"] == 3
+    assert [r["prediction"] for r in out["records"]] == ["18", "1000", "8"]
