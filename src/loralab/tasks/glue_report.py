@@ -1,0 +1,110 @@
+"""The GLUE table: this run's median over seeds beside the paper's numbers, as Markdown and JSON.
+
+Each cell is the median over seeds of the task's main metric, x100, with the spread (min-max) and
+the number of seeds: the paper reports the median of 5 runs (Hu et al. 2021, Table 2). MNLI is the
+matched dev set, CoLA Matthews correlation, STS-B Pearson, the rest accuracy. "Avg" averages the
+columns shown, and the paper's row is averaged over the same columns, so the two stay comparable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from loralab.metrics.glue import MAIN_METRIC, median_and_spread, normalize_task_name
+
+TASK_ORDER = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"]
+TASK_TITLES = {"mnli": "MNLI", "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI",
+               "qqp": "QQP", "rte": "RTE", "stsb": "STS-B"}
+PAPER_ROBERTA_BASE_LORA = {"mnli": 87.5, "sst2": 95.1, "mrpc": 89.7, "cola": 63.4, "qnli": 93.3,
+                           "qqp": 90.8, "rte": 86.6, "stsb": 91.5}
+"""Hu et al. 2021, Table 2, RoBERTa-base + LoRA (0.3M trainable parameters), median of 5 seeds."""
+PAPER_LABEL = "paper: RoBERTa-base LoRA (Hu et al. 2021)"
+RESULT_FILE = "glue_result.json"
+
+
+def result_score(result: dict) -> float:
+    """The main metric of one run's result (``result["metrics"][MAIN_METRIC[task]]``), x100."""
+    task = normalize_task_name(result["task"])
+    key = result.get("main_metric") or MAIN_METRIC[task]
+    if key not in result.get("metrics", {}):
+        raise KeyError(f"GLUE result for {task} (run {result.get('run_dir', '?')}) has no metric {key!r}; "
+                       f"it has {sorted(result.get('metrics', {}))}")
+    return 100.0 * float(result["metrics"][key])
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """Group runs by (model, method, task) and summarise the seeds: median, min, max, std, n, values."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for res in results:
+        groups[(res.get("model", "?"), res.get("method", "?"), normalize_task_name(res["task"]))].append(res)
+    rows = []
+    for (model, method, task), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r.get("seed", 0))
+        values = [result_score(r) for r in runs]
+        rows.append({"model": model, "method": method, "task": task, "metric": MAIN_METRIC[task],
+                     **median_and_spread(values), "values": values, "seeds": [r.get("seed") for r in runs],
+                     "trainable_params": runs[0].get("trainable_params")})
+    return rows
+
+
+def _fmt_cell(agg: dict) -> str:
+    if agg["n"] == 1:
+        return f"{agg['median']:.1f}"
+    return f"{agg['median']:.1f} ({agg['min']:.1f}–{agg['max']:.1f}, n={agg['n']})"
+
+
+def glue_table(results: list[dict]) -> tuple[str, dict]:
+    """Markdown table and JSON-ready dict of finished GLUE runs beside the paper's numbers."""
+    if not results:
+        raise ValueError("glue_table needs at least one finished GLUE result")
+    summary = aggregate(results)
+    tasks = [t for t in TASK_ORDER if any(s["task"] == t for s in summary)]
+    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for s in summary:
+        rows[(s["model"], s["method"])][s["task"]] = s
+    header = ["model / method", "trainable"] + [TASK_TITLES[t] for t in tasks] + ["Avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    json_rows = []
+    for (model, method), cells in rows.items():
+        medians = {t: cells[t]["median"] for t in tasks if t in cells}
+        avg = sum(medians.values()) / len(medians) if len(medians) == len(tasks) else None
+        trainable = next((c["trainable_params"] for c in cells.values() if c["trainable_params"]), None)
+        lines.append("| " + " | ".join(
+            [f"{model} / {method}", f"{trainable:,}" if trainable else "?"]
+            + [_fmt_cell(cells[t]) if t in cells else "—" for t in tasks]
+            + [f"{avg:.1f}" if avg is not None else "—"]) + " |")
+        json_rows.append({"model": model, "method": method, "trainable_params": trainable, "avg": avg,
+                          "tasks": {t: cells[t] for t in tasks if t in cells}})
+    paper_avg = sum(PAPER_ROBERTA_BASE_LORA[t] for t in tasks) / len(tasks)
+    lines.append("| " + " | ".join([PAPER_LABEL, "0.3M"] + [f"{PAPER_ROBERTA_BASE_LORA[t]:.1f}" for t in tasks]
+                                   + [f"{paper_avg:.1f}"]) + " |")
+    note = ("Median over seeds x100 (min–max, n seeds). MNLI: matched acc; CoLA: Matthews corr; STS-B: "
+            "Pearson; others: accuracy. Avg over the columns shown (a row missing a column has none).")
+    markdown = "\n".join(lines) + "\n\n" + note + "\n"
+    data = {"tasks": tasks, "metrics": {t: MAIN_METRIC[t] for t in tasks}, "rows": json_rows,
+            "paper": {"label": PAPER_LABEL, "scores": {t: PAPER_ROBERTA_BASE_LORA[t] for t in tasks},
+                      "avg": paper_avg}}
+    return markdown, data
+
+
+def write_glue_table(results: list[dict], out_dir: str | Path, stem: str = "glue_table") -> tuple[Path, Path]:
+    """Print the table and write ``<stem>.md`` and ``<stem>.json`` under ``out_dir``."""
+    markdown, data = glue_table(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = out / f"{stem}.md", out / f"{stem}.json"
+    md_path.write_text(markdown)
+    json_path.write_text(json.dumps(data, indent=2))
+    print(markdown)
+    return md_path, json_path
+
+
+def collect_results(root: str | Path) -> list[dict[str, Any]]:
+    """Every ``glue_result.json`` under ``root`` (run dirs written by ``loralab.tasks.glue.report``)."""
+    results = []
+    for path in sorted(Path(root).rglob(RESULT_FILE)):
+        results.append(json.loads(path.read_text()))
+    return results

@@ -1,0 +1,202 @@
+"""GLUE task module: every text field reaches the tokenizer, dynamic padding, losses, evaluation order,
+and build() -> fit -> report() end to end on a tiny BERT and a slice of the shared data."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralab.tasks import glue as G
+from loralab.tasks import glue_data as D
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
+needs_shared = pytest.mark.skipif(not (SHARED / "RTE").is_dir(), reason="../shared/data/glue not present")
+
+
+class RecordingTokenizer:
+    """Records every string it is given, as first segment or as pair; one id per word + 3 specials."""
+
+    pad_token_id = 0
+
+    def __init__(self, drop_pair: bool = False):
+        self.firsts: list[str] = []
+        self.pairs: list[str] = []
+        self.drop_pair = drop_pair
+
+    def __call__(self, text, text_pair=None, truncation=False, max_length=None):
+        batch = isinstance(text, list)
+        texts = text if batch else [text]
+        pairs = (text_pair if batch else [text_pair]) if text_pair is not None else [None] * len(texts)
+        self.firsts += texts
+        self.pairs += [p for p in pairs if p is not None]
+        ids = []
+        for a, b in zip(texts, pairs):
+            n = len(a.split()) + (len(b.split()) + 1 if b is not None and not self.drop_pair else 0) + 2
+            ids.append(list(range(5, 5 + min(n, max_length or n))))
+        enc = {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
+        return enc if batch else {k: v[0] for k, v in enc.items()}
+
+
+@pytest.mark.parametrize("key", sorted(D.TASKS))
+def test_every_text_field_reaches_the_tokenizer(key):
+    task = D.TASKS[key]
+    examples = [{**{f: f"{key} example {i} field {f}" for f in task.text_fields}, "label": 0} for i in range(3)]
+    tok = RecordingTokenizer()
+    encoded = G.encode_examples(tok, task, examples, max_length=64)
+    assert len(encoded) == 3
+    for ex in examples:
+        assert ex[task.text_fields[0]] in tok.firsts  # first field: first segment
+        if task.is_pair:
+            assert ex[task.text_fields[1]] in tok.pairs  # second field: a real pair, not concatenated
+            assert ex[task.text_fields[1]] not in tok.firsts
+        else:
+            assert tok.pairs == []
+    assert all(e["labels"] == 0 for e in encoded)
+
+
+def test_a_tokenizer_that_drops_the_second_segment_is_caught():
+    task = D.TASKS["qnli"]
+    ex = [{"question": "what is it ?", "sentence": "it is a test .", "label": 0}]
+    with pytest.raises(RuntimeError, match="'sentence' did not reach the model"):
+        G.encode_examples(RecordingTokenizer(drop_pair=True), task, ex, max_length=64)
+
+
+def test_missing_field_is_a_clear_error():
+    with pytest.raises(KeyError, match=r"lacks text field 'question'"):
+        G.encode_examples(RecordingTokenizer(), D.TASKS["qnli"], [{"sentence": "s", "label": 0}], 32)
+
+
+@needs_shared
+def test_real_qnli_pair_keeps_question_and_sentence():
+    from loralab.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer("bert")  # character level: decoding gives the text back
+    qnli = D.load_split(D.TASKS["qnli"], "dev", data_dir=SHARED)[:2]
+    enc = G.encode_examples(tok, D.TASKS["qnli"], qnli, max_length=512)
+    text = tok.decode(enc[0]["input_ids"]).replace(" ", "")
+    assert qnli[0]["question"].replace(" ", "") in text and qnli[0]["sentence"].replace(" ", "") in text
+    segments = enc[0]["token_type_ids"]
+    assert segments.count(1) == len(qnli[0]["sentence"]) + 1  # the sentence (+ [SEP]) is segment B
+
+
+def test_collate_pads_to_the_longest_in_the_batch():
+    collate = G.make_collate(pad_token_id=7, regression=False)
+    batch = collate([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 1},
+                     {"input_ids": [4, 5, 6, 8, 9], "attention_mask": [1] * 5, "labels": 0}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 7], [4, 5, 6, 8, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    assert batch["labels"].dtype == torch.long and "token_type_ids" not in batch
+    reg = G.make_collate(0, regression=True)([{"input_ids": [1], "attention_mask": [1], "labels": 3.8}])
+    assert reg["labels"].dtype == torch.float32 and reg["labels"].item() == pytest.approx(3.8)
+
+
+def test_losses_match_their_formulas():
+    torch.manual_seed(0)
+    logits, labels, eps = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0]), 0.1
+    logp = torch.log_softmax(logits, -1)
+    smoothed = ((1 - eps) * -logp[torch.arange(5), labels] + eps * -logp.mean(-1)).mean()
+    assert G._loss(logits, labels, False, eps).item() == pytest.approx(smoothed.item(), rel=1e-6)
+    scores, gold = torch.tensor([[1.0], [2.5], [4.0]]), torch.tensor([1.5, 2.5, 3.0])
+    assert G._loss(scores, gold, True, 0.3).item() == pytest.approx(((0.5**2) + 0 + 1) / 3)
+
+
+class ParityModel(nn.Module):
+    """Predicts class (number of real tokens) % 2; a stand-in whose predictions we know."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, **_):
+        n = attention_mask.sum(-1)
+        return type("Out", (), {"logits": F.one_hot(n % 2, 2).float() + 0 * self.w})()
+
+
+def test_evaluation_scatters_predictions_back_in_order():
+    task = D.TASKS["mrpc"]
+    lengths, labels = [5, 2, 7, 4, 3, 6, 9], [1, 0, 1, 1, 0, 1, 0]
+    data = [{"input_ids": [1] * n, "attention_mask": [1] * n, "labels": y} for n, y in zip(lengths, labels)]
+    collate = G.make_collate(0, False)
+    preds, _ = G.predict(ParityModel(), data, collate, regression=False, batch_size=2)
+    assert preds == [n % 2 for n in lengths]
+    metrics = G.evaluate_splits(ParityModel(), task, {"dev": data}, collate, batch_size=3)
+    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
+    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
+    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
+    assert metrics["accuracy"] == pytest.approx(sum(p == y for p, y in zip(preds, labels)) / 7)
+    assert metrics["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    mnli = G.evaluate_splits(ParityModel(), D.TASKS["mnli"], {"dev_matched": data, "dev_mismatched": data[:3]},
+                             collate)
+    assert mnli["accuracy"] == mnli["accuracy_m"] == metrics["accuracy"]
+    assert mnli["accuracy_mm"] == pytest.approx(sum(n % 2 == y for n, y in zip(lengths[:3], labels[:3])) / 3)
+
+
+# ---------------------------------------------------------------- build -> fit -> report
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    from loralab.models.tiny import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tiny_model("bert", "base", seed=0).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer("bert").save_pretrained(path)
+    return path
+
+
+def _cfg(model_dir, *overrides):
+    from loralab.engine.config import load_config
+
+    return load_config(overrides=[f"model.name={model_dir}", "data.train_samples=24", "data.eval_samples=16",
+                                  "data.max_length=48", "train.batch_size=8", "train.max_steps=3",
+                                  "train.lr=1e-3", "train.quiet=true", *overrides])
+
+
+@needs_shared
+@pytest.mark.parametrize("task,method", [("rte", "lora"), ("stsb", "bitfit"), ("mrpc", "full")])
+def test_build_fit_report(tiny_bert_dir, tmp_path, task, method):
+    from loralab.engine.trainer import fit
+
+    cfg = _cfg(tiny_bert_dir, f"data.task={task}", f"lora.method={method}")
+    model, spec, tok = G.build(cfg)
+    assert len(spec.train_dataset) == 24 and spec.metric == ("pearson" if task == "stsb" else "accuracy")
+    assert model.num_labels == D.TASKS[task].num_labels
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = fit(model, spec, cfg.train, run_dir=tmp_path, log=lambda *a: None)
+    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach())]
+    assert changed, "no trainable parameter moved"
+    out = G.report(cfg, model, tok, tmp_path, result)
+    saved = json.loads((tmp_path / "glue_result.json").read_text())
+    assert saved["task"] == task and saved["method"] == method and saved["score"] == out["metrics"][out["main_metric"]]
+    assert saved["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() == (method == "lora")
+    assert all(math.isfinite(v) for v in out["metrics"].values())
+
+
+@needs_shared
+def test_build_names_missing_files(tiny_bert_dir):
+    cfg = _cfg(tiny_bert_dir, "data.task=qnli")  # only QNLI's dev set is shared
+    with pytest.raises(D.GlueDataError, match=str(SHARED.resolve() / "QNLI" / "train.tsv")):
+        G.build(cfg)
+
+
+def test_presets_are_registered_and_method_aware():
+    from loralab.engine.config import load_config
+
+    paper = load_config(preset="glue-paper-cola")
+    assert (paper.train.batch_size, paper.train.epochs, paper.train.lr) == (32, 80.0, 4e-4)
+    assert (paper.lora.r, paper.lora.alpha, paper.data.max_length, paper.train.warmup_ratio) == (8, 8.0, 512, 0.06)
+    assert paper.train.schedule == "linear" and paper.train.optimizer == "adamw"
+    recipe = {"mnli": (16, 30, 5e-4), "sst2": (16, 60, 5e-4), "mrpc": (16, 30, 4e-4), "cola": (32, 80, 4e-4),
+              "qnli": (32, 25, 4e-4), "qqp": (16, 25, 5e-4), "rte": (32, 80, 5e-4), "stsb": (16, 40, 4e-4)}
+    for task, (bs, ep, lr) in recipe.items():
+        c = load_config(preset=f"glue-paper-{task}")
+        assert (c.data.task, c.train.batch_size, c.train.epochs, c.train.lr) == (task, bs, ep, lr)
+    lrs = {m: load_config(preset=f"glue-cpu-rte{s}").train.lr for m, s in
+           [("lora", ""), ("full", "-full"), ("bitfit", "-bitfit")]}
+    assert lrs["full"] < lrs["lora"] < lrs["bitfit"]
+    cpu = load_config(preset="glue-cpu-sst2-full")
+    assert cpu.lora.method == "full" and cpu.model.name == "minilm-l6" and cpu.data.max_length == 128
