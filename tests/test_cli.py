@@ -1,0 +1,280 @@
+"""The loralab CLI surface: help from the config docs, exit codes, run orchestration (with a fake
+experiment and, once, the real trainer), runs list/show/compare, eval and resume plumbing."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import loralab.metrics
+import loralab.models
+from loralab import cli
+from loralab.engine import config as C
+from loralab.engine.config import all_keys, load_config
+from loralab.engine.runs import get_run, list_runs
+from loralab.engine.task import TaskSpec
+
+
+@pytest.fixture(autouse=True)
+def _isolated_presets(monkeypatch):
+    monkeypatch.setattr(C, "_preset_modules_loaded", True)
+    monkeypatch.setattr(C, "PRESETS", dict(C.PRESETS))
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------- help and usage errors
+
+
+def test_help_lists_every_documented_field_grouped_by_section(capsys):
+    code, out, _ = _run(capsys, "train", "--help")
+    assert code == 0
+    for key in all_keys():
+        assert f"  {key} (" in out, key
+    assert "train.lr (float, default 0.0005)\n      Peak learning rate (> 0)." in out
+    sections = [out.index(f"\n{s}: ") for s in ("model", "lora", "train", "data", "generate")]
+    assert sections == sorted(sections)
+    assert _run(capsys, "--help")[0] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "train.lrr=1"], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    (["train", "train.lr=abc"], "expected float, got 'abc'"),
+    (["train", "lora.r=0"], "lora.r: must be >= 1, got 0"),
+    (["train", "a.yaml", "b.yaml"], "unexpected argument 'b.yaml'"),
+    (["train", "missing.yaml"], "config file 'missing.yaml' not found"),
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["runs", "--root", "R", "compare", "abc"], "at least two run ids"),
+    (["score-e2e", "no-hyp.txt", "no-ref.txt"], "no-hyp.txt: no such file"),
+])
+def test_config_and_usage_errors_exit_2_without_traceback(capsys, monkeypatch, tmp_path, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_argparse_errors_exit_2(capsys):
+    assert _run(capsys, "bogus")[0] == 2
+    assert _run(capsys)[0] == 2
+    assert _run(capsys, "merge", "x")[0] == 2  # --out is required
+
+
+def test_config_command_prints_loadable_documented_yaml(capsys, tmp_path):
+    code, out, _ = _run(capsys, "config", "train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]",
+                        "--out", str(tmp_path / "saved.yaml"))
+    assert code == 0 and "# Peak learning rate" in out
+    (tmp_path / "printed.yaml").write_text(out)
+    expected = load_config(None, ["train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]"])
+    assert load_config(tmp_path / "printed.yaml") == expected == load_config(tmp_path / "saved.yaml")
+    code, out, _ = _run(capsys, "config", "--schema")
+    assert code == 0 and "generate.num_beams (int, default 10)" in out
+
+
+# ---------------------------------------------------------------- orchestration with a fake experiment
+
+
+class FakeExperiment:
+    """build/report/fit recorders; ``fail_in`` raises in that phase."""
+
+    def __init__(self, fail_in=None, fit_status="completed", interrupt=False):
+        self.fail_in, self.fit_status, self.interrupt = fail_in, fit_status, interrupt
+        self.built_with, self.fit_kwargs, self.reported = None, None, None
+
+    def build(self, cfg):
+        self.built_with = cfg
+        if self.fail_in == "build":
+            raise RuntimeError("boom in build")
+        return nn.Linear(1, 1), "TASK", "TOKENIZER"
+
+    def fit(self, model, task, train_cfg, run_dir=None, resume=False, log=print):
+        self.fit_kwargs = {"task": task, "train_cfg": train_cfg, "run_dir": run_dir, "resume": resume}
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return types.SimpleNamespace(status=self.fit_status, global_step=7)
+
+    def report(self, cfg, model, tokenizer, run_dir, fit_result):
+        self.reported = (tokenizer, Path(run_dir), fit_result)
+        return {"accuracy": 0.875, "steps": getattr(fit_result, "global_step", None)}
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    exp = FakeExperiment()
+    monkeypatch.setattr(cli, "get_experiment", lambda name: exp)
+    monkeypatch.setattr(cli, "_get_fit", lambda: exp.fit)
+    return exp
+
+
+def test_train_creates_run_fits_reports_and_records(capsys, tmp_path, fake):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train: {lr: 2e-4, seed: 1}\n")
+    code, out, err = _run(capsys, "train", str(cfg_file), f"out_dir={tmp_path / 'runs'}", "train.seed=5", "--quiet")
+    assert code == 0, err
+    (record,) = list_runs(tmp_path / "runs")
+    assert record.status == "completed" and record.metrics == {"accuracy": 0.875, "steps": 7}
+    assert fake.built_with.train.lr == 2e-4 and fake.built_with.train.seed == 5 and fake.built_with.train.quiet
+    assert fake.fit_kwargs["train_cfg"] is fake.built_with.train and fake.fit_kwargs["task"] == "TASK"
+    assert Path(fake.fit_kwargs["run_dir"]) == record.dir and fake.fit_kwargs["resume"] is False
+    assert fake.reported[:2] == ("TOKENIZER", record.dir)
+    assert json.loads((record.dir / "results.json").read_text()) == {"accuracy": 0.875, "steps": 7}
+    assert f"run {record.id[:8]} completed" in out
+
+
+def test_runtime_failure_exits_1_and_marks_the_run_failed(capsys, tmp_path, fake):
+    fake.fail_in = "build"
+    code, _, err = _run(capsys, "train", f"out_dir={tmp_path}")
+    assert code == 1 and "RuntimeError: boom in build" in err
+    (record,) = list_runs(tmp_path)
+    assert record.status == "failed" and "boom in build" in (record.dir / "error.txt").read_text()
+
+
+@pytest.mark.parametrize("how", ["keyboard_interrupt", "fit_returns_interrupted"])
+def test_ctrl_c_exits_130_and_marks_interrupted(capsys, tmp_path, fake, how):
+    fake.interrupt = how == "keyboard_interrupt"
+    fake.fit_status = "interrupted"
+    code, _, err = _run(capsys, "train", f"out_dir={tmp_path}")
+    assert code == 130 and "interrupted" in err
+    (record,) = list_runs(tmp_path)
+    assert record.status == "interrupted" and fake.reported is None
+    assert f"--resume {record.dir}" in (record.dir / "error.txt").read_text()
+
+
+def test_resume_reuses_the_run_and_refuses_math_changes(capsys, tmp_path, fake):
+    fake.fit_status = "interrupted"
+    _run(capsys, "train", f"out_dir={tmp_path}", "train.max_steps=10")
+    (record,) = list_runs(tmp_path)
+    code, _, err = _run(capsys, "train", "--resume", str(record.dir), "train.lr=1e-3")
+    assert code == 2 and "cannot change train.lr when resuming" in err
+    assert _run(capsys, "train", "--resume", str(record.dir), "--preset", "quickstart")[0] == 2
+    fake.fit_status = "completed"
+    code, _, err = _run(capsys, "train", "--resume", str(record.dir), "train.max_steps=20")
+    assert code == 0, err
+    (again,) = list_runs(tmp_path)  # the same run, not a new one
+    assert again.id == record.id and again.status == "completed" and fake.fit_kwargs["resume"] is True
+    assert load_config(record.dir / "config.yaml").train.max_steps == 20
+
+
+def test_dry_run_and_quickstart_preset(capsys, tmp_path, fake):
+    code, out, _ = _run(capsys, "train", "--preset", "quickstart", "--dry-run", "train.lr=1e-4")
+    assert code == 0 and fake.built_with is None
+    (tmp_path / "p.yaml").write_text(out)
+    printed = load_config(tmp_path / "p.yaml")
+    assert printed == load_config(None, ["train.lr=1e-4"], preset="quickstart")
+    assert printed.train.lr == 1e-4 and printed.train.max_steps == C.PRESETS["quickstart"]["train.max_steps"]
+    code, _, err = _run(capsys, "quickstart", f"out_dir={tmp_path / 'q'}")
+    assert code == 0, err
+    assert fake.built_with.name == C.PRESETS["quickstart"]["name"]
+    assert list_runs(tmp_path / "q")[0].status == "completed"
+
+
+def test_eval_loads_the_runs_adapter(capsys, tmp_path, fake):
+    _run(capsys, "train", f"out_dir={tmp_path}", "train.lr=3e-4")
+    (trained,) = list_runs(tmp_path)
+    code, _, err = _run(capsys, "eval", str(trained.dir))
+    assert code == 2 and "no adapter" in err
+    (trained.dir / "adapter").mkdir()
+    (trained.dir / "adapter" / "adapter_config.json").write_text("{}")
+    code, _, err = _run(capsys, "eval", str(trained.dir), "data.eval_samples=5")
+    assert code == 0, err
+    assert fake.built_with.lora.init_from == str(trained.dir / "adapter")
+    assert fake.built_with.train.lr == 3e-4 and fake.built_with.data.eval_samples == 5
+    assert fake.reported[2] is None  # no fit result
+    runs = list_runs(tmp_path)
+    assert len(runs) == 2 and runs[1].name.startswith("eval-") and runs[1].status == "completed"
+    code, _, err = _run(capsys, "eval", str(trained.dir), "--base-only")
+    assert code == 0 and "BASE model" in err and fake.built_with.lora.init_from is None
+
+
+def test_runs_list_show_compare(capsys, tmp_path, fake):
+    for lr in ("1e-3", "2e-4"):
+        assert _run(capsys, "train", f"out_dir={tmp_path}", f"train.lr={lr}")[0] == 0
+    a, b = list_runs(tmp_path)
+    code, out, _ = _run(capsys, "runs", "--root", str(tmp_path), "list")
+    assert code == 0 and a.id[:8] in out and b.id[:8] in out and "accuracy=0.875" in out
+    code, out, _ = _run(capsys, "runs", "--root", str(tmp_path), "show", a.id[:6])
+    assert code == 0 and str(a.dir) in out and '"accuracy": 0.875' in out
+    code, out, _ = _run(capsys, "runs", "--root", str(tmp_path), "compare", a.id[:8], b.id[:8])
+    assert code == 0 and "train.lr" in out and "0.001" in out and "0.0002" in out
+    code, _, err = _run(capsys, "runs", "--root", str(tmp_path), "show", "zzzz")
+    assert code == 2 and "no run 'zzzz'" in err
+
+
+def test_models_and_score_e2e_dispatch_lazily(capsys, tmp_path, monkeypatch):
+    zoo = types.ModuleType("loralab.models.zoo")
+    zoo.list_models = lambda: [{"name": "minilm-l6", "params": 22_700_000}, {"name": "smollm2-135m", "params": 1}]
+    monkeypatch.setitem(sys.modules, "loralab.models.zoo", zoo)
+    monkeypatch.setattr(loralab.models, "zoo", zoo, raising=False)
+    code, out, _ = _run(capsys, "models")
+    assert code == 0 and "minilm-l6" in out and "22700000" in out
+
+    e2e = types.ModuleType("loralab.metrics.e2e")
+    e2e.score_files = lambda hyp, ref: {"BLEU": 0.5, "n": Path(hyp).read_text().count("\n")}
+    monkeypatch.setitem(sys.modules, "loralab.metrics.e2e", e2e)
+    monkeypatch.setattr(loralab.metrics, "e2e", e2e, raising=False)
+    (tmp_path / "h.txt").write_text("a\nb\n")
+    (tmp_path / "r.txt").write_text("a\n")
+    code, out, _ = _run(capsys, "score-e2e", str(tmp_path / "h.txt"), str(tmp_path / "r.txt"), "--json")
+    assert code == 0 and json.loads(out) == {"BLEU": 0.5, "n": 2}
+
+
+# ---------------------------------------------------------------- the real trainer, once
+
+
+def test_train_with_the_real_trainer(capsys, tmp_path, monkeypatch):
+    """Orchestration end to end with loralab.engine.trainer.fit on a 2-feature linear regression;
+    the reported MSE is checked against a float64 recomputation from the trained weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 2, generator=g)
+    y = x @ torch.tensor([1.0, -2.0]) + 0.5
+    data = [{"x": x[i], "y": y[i], "input_ids": [0]} for i in range(512)]
+    holder = {}
+
+    class Regression(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.linear(x).squeeze(-1)
+
+    def collate(examples):
+        return {"x": torch.stack([e["x"] for e in examples]), "y": torch.stack([e["y"] for e in examples])}
+
+    def mse(model):
+        with torch.no_grad():
+            return {"mse": float(((model(x) - y) ** 2).mean())}
+
+    def build(cfg):
+        torch.manual_seed(cfg.train.seed)
+        model = holder["model"] = Regression()
+        task = TaskSpec(train_dataset=data, collate=collate,
+                        loss=lambda m, b: ((m(b["x"]) - b["y"]) ** 2).mean(), evaluate=mse, metric="mse",
+                        greater_is_better=False)
+        return model, task, None
+
+    def report(cfg, model, tokenizer, run_dir, fit_result):
+        return {**mse(model), "steps": fit_result.global_step, "status": fit_result.status}
+
+    monkeypatch.setattr(cli, "get_experiment", lambda name: types.SimpleNamespace(build=build, report=report))
+    code, _, err = _run(capsys, "train", f"out_dir={tmp_path}", "train.max_steps=64", "train.lr=0.1",
+                        "train.batch_size=16", "train.quiet=true", "train.schedule=constant")
+    assert code == 0, err
+    (record,) = list_runs(tmp_path)
+    results = json.loads((record.dir / "results.json").read_text())
+    w = holder["model"].linear.weight.detach().double()
+    b = holder["model"].linear.bias.detach().double()
+    expected = float(((x.double() @ w.T).squeeze(-1) + b - y.double()).pow(2).mean())
+    assert results["mse"] == pytest.approx(expected, rel=1e-5)
+    assert results["steps"] == 64 and results["status"] == "completed"
+    assert results["mse"] < 0.1 * float(y.var())  # it learned
+    assert record.status == "completed" and (record.dir / "metrics.jsonl").stat().st_size > 0
