@@ -1,0 +1,94 @@
+"""Decoding E2E outputs: one per unique MR, batched, left-padded, with the KV cache.
+
+Settings come from the run config's ``generate`` section (paper: beam 10, length penalty 0.9,
+no-repeat 4-grams, at most 64 new tokens, stop at EOS) and are passed to Hugging Face ``generate``
+unchanged. Prompts are sorted by length so batches carry little padding, and outputs are put back
+in MR order. An output is the text of the new tokens before the first EOS, on one line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from loralab.tasks.e2e_data import eos_id, prompt_ids
+
+PAPER_ROW = {"BLEU": 70.4, "NIST": 8.85, "METEOR": 46.8, "ROUGE_L": 71.8, "CIDEr": 2.53}
+"""GPT-2 M + LoRA on E2E (Hu et al. 2021, Table 3); BLEU, METEOR, ROUGE-L in percent."""
+PERCENT = ("BLEU", "METEOR", "ROUGE_L")
+
+
+def generation_kwargs(gen: Any, eos: int, pad: int) -> dict[str, Any]:
+    """``generate`` keyword arguments from a ``GenerateConfig``."""
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=gen.do_sample,
+        no_repeat_ngram_size=gen.no_repeat_ngram_size, eos_token_id=eos, pad_token_id=pad, use_cache=True,
+    )
+    if gen.num_beams > 1:
+        kwargs["length_penalty"] = gen.length_penalty
+    if gen.do_sample:
+        kwargs["temperature"] = gen.temperature
+    return kwargs
+
+
+def clean_output(text: str) -> str:
+    """One line: the official format has one output per line."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@torch.no_grad()
+def generate_outputs(model: nn.Module, tokenizer: Any, mrs: Sequence[str], gen: Any) -> list[str]:
+    """One decoded output per MR, in ``mrs`` order."""
+    from transformers import GenerationConfig
+
+    eos = eos_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = GenerationConfig(**generation_kwargs(gen, eos, pad))
+    prompts = [prompt_ids(tokenizer, mr) for mr in mrs]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    device = next(model.parameters()).device
+    outputs: list[str | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), gen.batch_size):
+            idx = order[start:start + gen.batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
+                                device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for i, row in zip(idx, out[:, width:].tolist()):
+                stop = row.index(eos) if eos in row else len(row)
+                outputs[i] = clean_output(tokenizer.decode(row[:stop], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return [o if o is not None else "" for o in outputs]
+
+
+def write_official(path: Any, lines: Sequence[str]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in lines))
+
+
+def write_references(path: Any, refs: Sequence[Sequence[str]]) -> None:
+    """The official multi-reference format: one reference per line, MR groups split by a blank line."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join("\n".join(clean_output(r) for r in group) + "\n" for group in refs))
+
+
+def results_table(scores: dict[str, float | None], label: str) -> str:
+    """Markdown table of this run beside the paper's row (BLEU, METEOR, ROUGE-L as percentages)."""
+    def shown(key: str, value: float | None) -> str:
+        if value is None:
+            return "n/a"
+        return f"{100 * value:.1f}" if key in PERCENT else f"{value:.2f}"
+
+    head = "| | BLEU | NIST | METEOR | ROUGE-L | CIDEr |\n|---|---|---|---|---|---|"
+    paper = "| paper: GPT-2 M LoRA (Hu et al. 2021) | " + " | ".join(
+        f"{PAPER_ROW[k]:.1f}" if k in PERCENT else f"{PAPER_ROW[k]:.2f}" for k in PAPER_ROW) + " |"
+    ours = f"| {label} | " + " | ".join(shown(k, scores.get(k)) for k in PAPER_ROW) + " |"
+    return "\n".join([head, paper, ours])

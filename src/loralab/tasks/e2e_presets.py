@@ -1,0 +1,45 @@
+"""E2E presets, registered with the config system on import (``loralab train --preset NAME``).
+
+e2e-paper
+    The paper's GPT-2 Medium recipe (Hu et al. 2021, Table 11): LoRA r = 4, alpha = 32, dropout 0.1 on
+    the q and v slices of the fused ``c_attn``; AdamW lr 2e-4, weight decay 0.01, batch 8, 5 epochs,
+    500 linear warmup steps then linear decay, label smoothing 0.1; beam search 10, length penalty 0.9
+    (the reference implementation's README uses 0.8: ``generate.length_penalty=0.8``), no repeated
+    4-grams, at most 64 new tokens. It needs ``gpt2-medium`` locally (a Hub id) and, to be the paper's
+    setting, the official training set: ``data.train_file=.../trainset.csv``.
+e2e-paper-smollm2
+    The same recipe on SmolLM2-135M (shipped offline), LoRA on q_proj and v_proj.
+e2e-cpu
+    Minutes on 2 CPU cores: SmolLM2-135M, 400 rows of devset.csv, 1 epoch (50 steps), higher lr for the
+    short run, 30 test MRs decoded with the paper's decoding settings.
+"""
+
+from __future__ import annotations
+
+from loralab.engine.config import register_preset
+
+PAPER = {
+    "experiment": "e2e", "data.task": "e2e", "data.max_length": 512,
+    "lora.method": "lora", "lora.r": 4, "lora.alpha": 32.0, "lora.dropout": 0.1,
+    "train.optimizer": "adamw", "train.lr": 2e-4, "train.weight_decay": 0.01, "train.batch_size": 8,
+    "train.epochs": 5.0, "train.warmup_steps": 500, "train.schedule": "linear", "train.label_smoothing": 0.1,
+    "train.keep_best": False,
+    "generate.num_beams": 10, "generate.length_penalty": 0.9, "generate.no_repeat_ngram_size": 4,
+    "generate.max_new_tokens": 64, "generate.batch_size": 8, "generate.do_sample": False,
+}
+
+
+def register_all() -> None:
+    register_preset("e2e-paper", {**PAPER, "name": "e2e-paper", "model.name": "gpt2-medium",
+                                  "lora.fused_qkv": {"c_attn": [True, False, True]}})
+    register_preset("e2e-paper-smollm2", {**PAPER, "name": "e2e-paper-smollm2", "model.name": "smollm2-135m",
+                                          "lora.target_modules": ["q_proj", "v_proj"]})
+    register_preset("e2e-cpu", {
+        **PAPER, "name": "e2e-cpu", "model.name": "smollm2-135m", "lora.target_modules": ["q_proj", "v_proj"],
+        "data.max_length": 128, "data.train_samples": 400, "data.eval_samples": 30,
+        "train.epochs": 1.0, "train.lr": 1e-3, "train.warmup_steps": 5, "train.length_grouped": True,
+        "train.log_every": 5,
+    })
+
+
+register_all()
