@@ -143,6 +143,10 @@ def fit(model: nn.Module, task: TaskSpec, cfg: Any, run_dir: str | Path | None =
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
     optimizer = optimizer or build_optimizer_for(model, cfg)
+    if is_main and not getattr(cfg, "quiet", False):
+        from loralab.core.memory import memory_report
+
+        log(f"memory at start (bytes by role):\n{memory_report(model, optimizer)}")
     scheduler = build_scheduler(optimizer, cfg.schedule, warmup_steps_for(cfg, total_steps), total_steps)
     lengths = [task.example_length(ex) for ex in task.train_dataset] if cfg.length_grouped else None
     train_model = ddp.wrap(model)
