@@ -200,3 +200,32 @@ def test_presets_are_registered_and_method_aware():
     assert lrs["full"] < lrs["lora"] < lrs["bitfit"]
     cpu = load_config(preset="glue-cpu-sst2-full")
     assert cpu.lora.method == "full" and cpu.model.name == "minilm-l6" and cpu.data.max_length == 128
+
+
+@needs_shared
+def test_warm_start_through_build_rte_to_stsb(tiny_bert_dir, tmp_path, capfd):
+    """RTE adapter (2 labels) -> STS-B (1 output): LoRA loads trainable and equal, the head is re-created
+    (and the log says so), and training moves the warm-started weights."""
+    from safetensors.torch import load_file
+
+    from loralab.engine.trainer import fit
+
+    cfg = _cfg(tiny_bert_dir, "data.task=rte", "lora.r=4")
+    model, spec, tok = G.build(cfg)
+    G.report(cfg, model, tok, tmp_path / "rte", fit(model, spec, cfg.train, log=lambda *a: None))
+    saved = load_file(str(tmp_path / "rte" / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())
+
+    cfg2 = _cfg(tiny_bert_dir, "data.task=stsb", f"lora.init_from={tmp_path / 'rte' / 'adapter'}")
+    model2, spec2, _ = G.build(cfg2)
+    assert "the head is re-created" in capfd.readouterr().err
+    lora = {n: p for n, p in model2.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    for name, p in lora.items():
+        key = "base_model.model." + name.replace(".default.", ".")
+        assert torch.equal(p.detach(), saved[key]), name
+    assert model2.classifier.modules_to_save["default"].weight.shape == (1, 32)
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    fit(model2, spec2, cfg2.train, log=lambda *a: None)
+    unchanged = [n for n, p in lora.items() if torch.equal(before[n], p.detach())]
+    assert not unchanged, f"warm-started weights did not train: {unchanged}"

@@ -103,8 +103,36 @@ def write_glue_table(results: list[dict], out_dir: str | Path, stem: str = "glue
 
 
 def collect_results(root: str | Path) -> list[dict[str, Any]]:
-    """Every ``glue_result.json`` under ``root`` (run dirs written by ``loralab.tasks.glue.report``)."""
-    results = []
-    for path in sorted(Path(root).rglob(RESULT_FILE)):
-        results.append(json.loads(path.read_text()))
-    return results
+    """Finished GLUE runs under ``root``: from the run registry (``<root>/runs.sqlite``, completed
+    runs of experiment "glue") when there is one, else every ``glue_result.json`` below ``root``."""
+    from loralab.engine.runs import REGISTRY, list_runs
+
+    root = Path(root)
+    if (root / REGISTRY).is_file():
+        results = []
+        for record in list_runs(root):
+            path = record.dir / RESULT_FILE
+            if record.experiment == "glue" and record.status == "completed" and path.is_file():
+                results.append({**json.loads(path.read_text()), "run_id": record.id})
+        return results
+    return [json.loads(p.read_text()) for p in sorted(root.rglob(RESULT_FILE))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loralab.tasks.glue_report RUNS_DIR [OUT_DIR]``: print and write the GLUE table."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m loralab.tasks.glue_report RUNS_DIR [OUT_DIR]", file=sys.stderr)
+        return 2
+    results = collect_results(args[0])
+    if not results:
+        print(f"no finished GLUE runs under {args[0]}", file=sys.stderr)
+        return 1
+    write_glue_table(results, args[1] if len(args) > 1 else args[0])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""The GLUE table: median over seeds, spread, the paper's row averaged over the same columns."""
+import json
+import statistics
+
+import pytest
+
+from loralab.tasks import glue_report as R
+
+
+def _res(task, seed, value, method="lora", model="minilm-l6", key=None):
+    key = key or {"stsb": "pearson", "cola": "matthews_corr"}.get(task, "accuracy")
+    return {"task": task, "seed": seed, "model": model, "method": method, "metrics": {key: value, "eval_loss": 0.5},
+            "trainable_params": 1234}
+
+
+def test_median_spread_and_markdown():
+    rte = [0.70, 0.66, 0.72, 0.61, 0.69]
+    results = [_res("rte", s, v) for s, v in enumerate(rte)] + [_res("stsb", 0, 0.855)]
+    results += [_res("rte", 0, 0.60, method="bitfit")]
+    markdown, data = R.glue_table(results)
+    assert data["tasks"] == ["rte", "stsb"]  # paper order, only the tasks that ran
+    lora = next(r for r in data["rows"] if r["method"] == "lora")
+    cell = lora["tasks"]["rte"]
+    assert cell["median"] == pytest.approx(100 * statistics.median(rte))
+    assert (cell["min"], cell["max"], cell["n"]) == (pytest.approx(61.0), pytest.approx(72.0), 5)
+    assert cell["std"] == pytest.approx(100 * statistics.stdev(rte))
+    assert lora["avg"] == pytest.approx((100 * statistics.median(rte) + 85.5) / 2)
+    bitfit = next(r for r in data["rows"] if r["method"] == "bitfit")
+    assert bitfit["avg"] is None  # no STS-B run: no average over a different set of columns
+    assert data["paper"]["scores"] == {"rte": 86.6, "stsb": 91.5}
+    assert data["paper"]["avg"] == pytest.approx((86.6 + 91.5) / 2)
+    lines = markdown.splitlines()
+    assert lines[0] == "| model / method | trainable | RTE | STS-B | Avg |"
+    assert "| minilm-l6 / lora | 1,234 | 69.0 (61.0–72.0, n=5) | 85.5 | 77.2 |" in lines
+    assert "| minilm-l6 / bitfit | 1,234 | 60.0 | — | — |" in lines
+    assert any(line.startswith(f"| {R.PAPER_LABEL} | 0.3M | 86.6 | 91.5 | 89.0 |") for line in lines)
+    json.dumps(data)  # JSON-ready
+
+
+def test_paper_numbers_and_metric_choice():
+    assert R.PAPER_ROBERTA_BASE_LORA == {"mnli": 87.5, "sst2": 95.1, "mrpc": 89.7, "cola": 63.4, "qnli": 93.3,
+                                         "qqp": 90.8, "rte": 86.6, "stsb": 91.5}
+    all_tasks = [_res(t, 0, 0.5) for t in R.TASK_ORDER]
+    markdown, data = R.glue_table(all_tasks)
+    assert data["metrics"]["cola"] == "matthews_corr" and data["metrics"]["stsb"] == "pearson"
+    assert data["paper"]["avg"] == pytest.approx(sum(R.PAPER_ROBERTA_BASE_LORA.values()) / 8)  # 87.2375
+    assert "MNLI | SST-2 | MRPC | CoLA | QNLI | QQP | RTE | STS-B | Avg" in markdown
+    with pytest.raises(KeyError, match="no metric 'matthews_corr'"):
+        R.glue_table([_res("cola", 0, 0.5, key="accuracy")])
+    with pytest.raises(ValueError, match="at least one"):
+        R.glue_table([])
+
+
+def test_write_and_collect(tmp_path, capsys):
+    for seed, v in enumerate([0.8, 0.9, 0.85]):
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        (run / R.RESULT_FILE).write_text(json.dumps(_res("sst2", seed, v)))
+    results = R.collect_results(tmp_path)
+    assert sorted(r["seed"] for r in results) == [0, 1, 2]
+    md, js = R.write_glue_table(results, tmp_path / "out")
+    assert "85.0 (80.0–90.0, n=3)" in md.read_text() and "85.0" in capsys.readouterr().out
+    assert json.loads(js.read_text())["rows"][0]["tasks"]["sst2"]["n"] == 3
+
+
+def test_collect_from_the_run_registry(tmp_path):
+    from loralab.engine.config import load_config
+    from loralab.engine.runs import create_run
+
+    for seed, status in [(0, "completed"), (1, "completed"), (2, "failed")]:
+        cfg = load_config(overrides=["data.task=rte", f"train.seed={seed}", f"out_dir={tmp_path}"])
+        run = create_run(cfg)
+        (run.dir / R.RESULT_FILE).write_text(json.dumps(_res("rte", seed, 0.6 + seed / 10)))
+        run.finish({"accuracy": 0.6}) if status == "completed" else run.fail("boom")
+    results = R.collect_results(tmp_path)
+    assert sorted(r["seed"] for r in results) == [0, 1]  # the failed run is left out
