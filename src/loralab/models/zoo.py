@@ -122,7 +122,12 @@ def resolve(name: str) -> Path:
         source = _require_source(entry)
         if not entry.gguf:
             return source
-        return convert_gguf(source, cache_root() / "models" / entry.name)
+        target = cache_root() / "models" / entry.name
+        try:
+            return convert_gguf(source, target)
+        except PermissionError as exc:
+            raise PermissionError(f"cannot write the converted {entry.name!r} to {target}: {exc}. "
+                                  "Point LORALAB_CACHE at a writable directory.") from exc
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
