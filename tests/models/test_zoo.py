@@ -74,6 +74,24 @@ def test_load_model_refuses_randomly_initialized_body_weights(tmp_path):
         zoo.load_model(str(tmp_path / "bert"), "causal_lm")  # BertLMHeadModel: prediction head is new
 
 
+@pytest.mark.parametrize("arch, head", [
+    ("roberta", ["classifier.dense.bias", "classifier.dense.weight", "classifier.out_proj.bias",
+                 "classifier.out_proj.weight"]),
+    ("gpt2", ["score.weight"]),
+    ("llama", ["score.weight"]),
+])
+def test_seq_cls_head_is_the_only_new_weight(tmp_path, arch, head):
+    base = tiny_model(arch, "base", seed=2)
+    base.save_pretrained(tmp_path / arch)
+    model = zoo.load_model(str(tmp_path / arch), "seq_cls", num_labels=2, dtype=torch.bfloat16)
+    assert model.loralab_load_info["new_head"] == head
+    assert model.dtype == torch.bfloat16
+    loaded, saved = model.base_model.state_dict(), base.state_dict()
+    assert {k for k in saved if k not in loaded} <= {"pooler.dense.weight", "pooler.dense.bias"}  # roberta
+    for k in loaded:
+        assert torch.equal(loaded[k], saved[k].to(torch.bfloat16)), k
+
+
 def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="num_labels"):
         zoo.load_model("minilm-l6", "seq_cls")
