@@ -278,3 +278,46 @@ def test_train_with_the_real_trainer(capsys, tmp_path, monkeypatch):
     assert results["steps"] == 64 and results["status"] == "completed"
     assert results["mse"] < 0.1 * float(y.var())  # it learned
     assert record.status == "completed" and (record.dir / "metrics.jsonl").stat().st_size > 0
+
+
+def test_merge_exports_a_model_that_matches_the_adapter_model(capsys, tmp_path, monkeypatch):
+    """Adapter files -> build -> merge -> save -> reload with transformers: the reloaded plain model
+    gives the logits of the (unmerged) adapter model, trained head included."""
+    transformers = pytest.importorskip("transformers")
+    from loralab.core.adapter_io import load_adapter, save_adapter
+    from loralab.core.inject import inject_adapter
+    from loralab.models.tiny import tiny_model
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "lora.r=4", "lora.alpha=8", "lora.modules_to_save=[classifier]"])
+    trained = inject_adapter(tiny_model("bert", "seq_cls", seed=0), cfg.lora.to_lora_config())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stand-in for training: every trainable tensor (B included) moves away from init
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    (tmp_path / "run").mkdir()
+    save_adapter(trained, tmp_path / "run" / "adapter")
+    C.save_config(cfg, tmp_path / "run" / "config.yaml")
+
+    def build(run_cfg):
+        model = tiny_model("bert", "seq_cls", seed=0)
+        load_adapter(model, run_cfg.lora.init_from)  # injects the adapter's LoRA layers and loads the weights
+        example = {"input_ids": [2, 40, 41, 42, 3], "attention_mask": [1] * 5}
+        collate = lambda exs: {k: torch.tensor([e[k] for e in exs]) for k in exs[0]}  # noqa: E731
+        return model, TaskSpec(train_dataset=[example], collate=collate, loss=lambda m, b: None), None
+
+    monkeypatch.setattr(cli, "get_experiment", lambda name: types.SimpleNamespace(build=build))
+    code, out, err = _run(capsys, "merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
+    assert code == 0, err
+    merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
+    ids = torch.randint(5, 128, (3, 11), generator=g)
+    trained.eval()
+    with torch.no_grad():
+        expected, got = trained(input_ids=ids).logits, merged(input_ids=ids).logits
+    base = tiny_model("bert", "seq_cls", seed=0)
+    with torch.no_grad():
+        assert (base(input_ids=ids).logits - expected).abs().max() > 1e-2  # the adapter matters here
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())
+    assert info["max_abs_logit_diff_reloaded"] < 1e-5

@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -52,15 +53,13 @@ def _get_fit() -> Callable:
     return fit
 
 
-def _fit_kwargs(fit: Callable, run: Any, resume: bool) -> dict[str, Any]:
+def _fit_kwargs(fit: Callable, run_dir: Path, resume: bool) -> dict[str, Any]:
     params = inspect.signature(fit).parameters
-    kwargs: dict[str, Any] = {"run_dir": run.dir}
+    kwargs: dict[str, Any] = {"run_dir": run_dir}
     if resume:
         if "resume" not in params:
             raise RuntimeError("this trainer's fit() takes no `resume` argument; cannot resume")
         kwargs["resume"] = True
-    if "log_metrics" in params:
-        kwargs["log_metrics"] = run.log_metrics
     return kwargs
 
 
@@ -70,33 +69,54 @@ def _was_interrupted(fit_result: Any) -> bool:
     return status == "interrupted"
 
 
+def _main_process_run(cfg: RunConfig, resume: str | Path | None) -> tuple[Any, Path]:
+    """Rank 0 creates (or reopens) the run; under torchrun the other ranks get its dir by broadcast."""
+    from loralab.engine import distributed as ddp  # lazily: torch
+
+    ddp.init()
+    run = None
+    if ddp.is_main():
+        if resume is not None:
+            run = open_run(resume)
+            save_config(cfg, run.dir / "config.yaml")
+            run.mark_running()
+        else:
+            run = create_run(cfg)
+    if not ddp.active():
+        return run, run.dir
+    import torch.distributed as dist
+
+    shared = [str(run.dir) if run is not None else None]
+    dist.broadcast_object_list(shared, src=0)
+    return run, Path(shared[0])
+
+
 def run_training(cfg: RunConfig, resume: str | Path | None = None) -> tuple[Any, dict]:
     """Create (or reopen) the run, build the experiment, fit, report, and record the outcome.
 
-    Returns ``(run, results)``. On failure the run is marked failed (traceback in error.txt) and the
-    exception propagates; on Ctrl-C it is marked interrupted (resume it with ``--resume RUN_DIR``).
+    Returns ``(run, results)`` (``run`` is None on ranks other than 0, which neither report nor
+    record). On failure the run is marked failed (traceback in error.txt) and the exception
+    propagates; on Ctrl-C it is marked interrupted (resume it with ``--resume RUN_DIR``).
     """
     experiment = get_experiment(cfg.experiment)  # import problems surface before a run dir exists
     fit = _get_fit()
-    if resume is not None:
-        run = open_run(resume)
-        save_config(cfg, run.dir / "config.yaml")
-        run.mark_running()
-    else:
-        run = create_run(cfg)
+    run, run_dir = _main_process_run(cfg, resume)
     try:
         model, task, tokenizer = experiment.build(cfg)
-        fit_result = fit(model, task, cfg.train, **_fit_kwargs(fit, run, resume is not None))
+        fit_result = fit(model, task, cfg.train, **_fit_kwargs(fit, run_dir, resume is not None))
         if _was_interrupted(fit_result):
             raise Interrupted()
-        results = experiment.report(cfg, model, tokenizer, run.dir, fit_result)
+        results = experiment.report(cfg, model, tokenizer, run_dir, fit_result) if run is not None else {}
     except (KeyboardInterrupt, Interrupted):
-        run.fail(f"interrupted (Ctrl-C); resume with: loralab train --resume {run.dir}", status="interrupted")
+        if run is not None:
+            run.fail(f"interrupted (Ctrl-C); resume with: loralab train --resume {run.dir}", status="interrupted")
         raise
     except BaseException:
-        run.fail(traceback.format_exc())
+        if run is not None:
+            run.fail(traceback.format_exc())
         raise
-    run.finish(results if isinstance(results, dict) else {"results": results})
+    if run is not None:
+        run.finish(results if isinstance(results, dict) else {"results": results})
     return run, results
 
 
@@ -167,7 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config_to_yaml_with_docs(cfg), end="")
         return 0
     run, results = run_training(cfg, resume=args.resume)
-    _print_summary(run, results)
+    if run is not None:
+        _print_summary(run, results)
     return 0
 
 
@@ -176,7 +197,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = load_config(None, overrides, preset="quickstart")
     print(f"quickstart: {cfg.experiment}/{cfg.data.task} on {cfg.model.name}, runs under {cfg.out_dir}/", flush=True)
     run, results = run_training(cfg)
-    _print_summary(run, results)
+    if run is not None:
+        _print_summary(run, results)
     return 0
 
 
@@ -220,7 +242,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base weights and save a plain Hugging Face model dir."""
     import torch
 
-    from loralab.core.inject import lora_modules, merge_adapters, unload
+    from loralab.core.inject import lora_modules, unload
 
     adapter = Path(args.adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
@@ -237,37 +259,52 @@ def cmd_merge(args: argparse.Namespace) -> int:
               file=sys.stderr)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize="none"),
                               lora=dataclasses.replace(cfg.lora, init_from=str(adapter)))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} exists and is not empty; choose a new directory")
     model, task, tokenizer = get_experiment(cfg.experiment).build(cfg)
     if not lora_modules(model):
         raise RuntimeError(f"no LoRA layers in the model built with {adapter}: nothing to merge")
     model.eval()
     batch = {k: v for k, v in task.collate([task.train_dataset[0]]).items() if k in ("input_ids", "attention_mask")}
+
+    def check(logits: torch.Tensor, what: str) -> float:
+        diff = (before - logits.float()).abs().max().item()
+        tolerance = 1e-3 * max(1.0, before.abs().max().item())
+        if not diff <= tolerance:
+            raise RuntimeError(f"{what} differs from the adapter model by {diff:.3g} (> {tolerance:.3g})")
+        return diff
+
     with torch.no_grad():
         before = model(**batch).logits.float()
-        merge_adapters(model)
-        model = unload(model)
-        after = model(**batch).logits.float()
-    diff = (before - after).abs().max().item()
-    tolerance = 1e-3 * max(1.0, before.abs().max().item())
-    if not diff <= tolerance:
-        raise RuntimeError(f"merged model differs from the adapter model by {diff:.3g} (> {tolerance:.3g}); not saved")
-    out = Path(args.out)
-    model.save_pretrained(out)
+        model = unload(model, merge=True)  # merge=True also keeps the trained modules_to_save (the head)
+        merged_diff = check(model(**batch).logits, "the merged model (not saved)")
+        model.save_pretrained(out)
+        reloaded = type(model).from_pretrained(out).eval()  # what a user of the exported dir will get
+        reload_diff = check(reloaded(**batch).logits, f"the model saved in {out}, reloaded,")
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
     (out / "merge_info.json").write_text(json.dumps(
-        {"adapter": str(adapter), "base": cfg.model.name, "max_abs_logit_diff": diff}, indent=2) + "\n")
-    print(f"merged {adapter} into {cfg.model.name}: {out} (max |logit diff| {diff:.2e})")
+        {"adapter": str(adapter), "base": cfg.model.name, "max_abs_logit_diff_merged": merged_diff,
+         "max_abs_logit_diff_reloaded": reload_diff}, indent=2) + "\n")
+    print(f"merged {adapter} into {cfg.model.name}: {out} (max |logit diff| {merged_diff:.2e} merged, "
+          f"{reload_diff:.2e} reloaded)")
     return 0
+
+
+def _brief(metrics: dict[str, Any], n: int = 3) -> str:
+    """A few numeric headline metrics, "score" first when a task reports one."""
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    keys = sorted(numeric, key=lambda k: (k != "score", not k.startswith(("metrics.", "eval")), ))[:n]
+    return " ".join(f"{k}={numeric[k]:.4g}" for k in keys)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     root = Path(args.root)
     try:
         if args.runs_command == "list":
-            rows = [[r.id[:8], r.created, r.status, r.name, r.experiment, r.model, r.task,
-                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in list(r.metrics.items())[:3])] for r in list_runs(root)]
+            rows = [[r.id[:8], r.created, r.status, r.name, r.experiment, r.model, r.task, _brief(r.metrics)]
+                    for r in list_runs(root)]
             print(format_table(["id", "created", "status", "name", "experiment", "model", "task", "metrics"], rows)
                   if rows else f"no runs in {root}")
         elif args.runs_command == "show":
@@ -402,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as err:
         print(f"loralab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `loralab ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except (KeyboardInterrupt, Interrupted):
         print("\nloralab: interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,9 @@ from loralab.engine.config import (ConfigError, LoraSection, RunConfig, TrainCon
                                    config_to_yaml_with_docs, load_config, save_config)
 
 
+REAL_PRESETS = C.PRESETS  # the process-wide registry the experiments register into on import
+
+
 @pytest.fixture(autouse=True)
 def _no_experiment_imports(monkeypatch):
     """Presets of real experiments are not needed here; keep the registry isolated per test."""
@@ -267,3 +270,16 @@ def test_help_lists_every_key_with_doc_and_default():
         assert first_doc_line in text, key
     assert "train.lr (float, default 0.0005)" in text
     assert "train.optimizer ('adamw' | 'adamw8bit' | 'paged_adamw' | 'paged_adamw8bit', default 'adamw')" in text
+
+
+CONFIGS = sorted((C.Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_configs_load(path, monkeypatch):
+    monkeypatch.setattr(C, "PRESETS", REAL_PRESETS)  # the experiments' own presets, imported lazily
+    monkeypatch.setattr(C, "_preset_modules_loaded", False)
+    cfg = load_config(path)
+    for line in path.read_text().splitlines():  # what the file says explicitly is what we got
+        if line.startswith("name:"):
+            assert cfg.name == line.split(":", 1)[1].strip()
