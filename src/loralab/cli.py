@@ -82,6 +82,8 @@ def _main_process_run(cfg: RunConfig, resume: str | Path | None) -> tuple[Any, P
             run.mark_running()
         else:
             run = create_run(cfg)
+        if not cfg.train.quiet:
+            print(f"run {run.id[:8]}: {run.dir}", file=sys.stderr, flush=True)
     if not ddp.active():
         return run, run.dir
     import torch.distributed as dist

@@ -11,6 +11,7 @@ generated from the docstrings below, so a field without a docstring is a bug (a 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
@@ -629,7 +630,7 @@ PRESET_MODULES: list[str] = ["loralab.tasks.glue", "loralab.tasks.e2e", "loralab
 def register_preset(name: str, overrides: dict) -> None:
     """Register ``name`` -> overrides (nested or dotted keys). Keys and types are checked now."""
     _apply(config_to_dict(RunConfig()), overrides, f"preset {name!r}")
-    PRESETS[name] = overrides
+    PRESETS[name] = copy.deepcopy(overrides)
 
 
 _preset_modules_loaded = False

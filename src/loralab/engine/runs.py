@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from loralab.engine.config import RunConfig, config_to_dict, save_config
+from loralab.engine.config import RunConfig, save_config
 
 REGISTRY = "runs.sqlite"
 _SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
