@@ -74,3 +74,26 @@ def test_collect_from_the_run_registry(tmp_path):
         run.finish({"accuracy": 0.6}) if status == "completed" else run.fail("boom")
     results = R.collect_results(tmp_path)
     assert sorted(r["seed"] for r in results) == [0, 1]  # the failed run is left out
+
+
+def test_seeds_runner_end_to_end(tmp_path):
+    """Two seeds of a tiny RTE run through the CLI's run machinery, then the table from the registry."""
+    from pathlib import Path
+
+    from loralab.models.tiny import tiny_model, tiny_tokenizer
+
+    if not (Path(__file__).resolve().parents[3] / "shared" / "data" / "glue" / "RTE").is_dir():
+        pytest.skip("../shared/data/glue not present")
+    model_dir = tmp_path / "tiny-bert"
+    tiny_model("bert", "base", seed=0).save_pretrained(model_dir, safe_serialization=True)
+    tiny_tokenizer("bert").save_pretrained(model_dir)
+    overrides = [f"model.name={model_dir}", f"out_dir={tmp_path / 'runs'}", "data.task=rte", "data.train_samples=16",
+                 "data.eval_samples=8", "data.max_length=32", "train.batch_size=8", "train.max_steps=1",
+                 "train.quiet=true", "lora.r=2"]
+    results = R.run_seeds(None, [0, 1], overrides)
+    assert [r["seed"] for r in results] == [0, 1]
+    assert R.main(["table", str(tmp_path / "runs"), "--out", str(tmp_path / "table")]) == 0
+    data = json.loads((tmp_path / "table" / "glue_table.json").read_text())
+    cell = data["rows"][0]["tasks"]["rte"]
+    assert cell["n"] == 2 and cell["seeds"] == [0, 1]
+    assert cell["values"] == [100 * r["score"] for r in results]

@@ -118,19 +118,49 @@ def collect_results(root: str | Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob(RESULT_FILE))]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m loralab.tasks.glue_report RUNS_DIR [OUT_DIR]``: print and write the GLUE table."""
-    import sys
+def run_seeds(preset: str | None, seeds: list[int], overrides: list[str] | None = None,
+              config_path: str | None = None) -> list[dict[str, Any]]:
+    """Train and report one run per seed (``train.seed=<s>``), each a registered run; the results."""
+    from loralab.cli import run_training  # lazily: the CLI owns run creation and failure recording
+    from loralab.engine.config import load_config
 
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print("usage: python -m loralab.tasks.glue_report RUNS_DIR [OUT_DIR]", file=sys.stderr)
-        return 2
-    results = collect_results(args[0])
-    if not results:
-        print(f"no finished GLUE runs under {args[0]}", file=sys.stderr)
-        return 1
-    write_glue_table(results, args[1] if len(args) > 1 else args[0])
+    results = []
+    for seed in seeds:
+        cfg = load_config(config_path, [*(overrides or []), f"train.seed={seed}"], preset=preset)
+        if cfg.experiment != "glue":
+            raise ValueError(f"run_seeds is for GLUE runs; the config's experiment is {cfg.experiment!r}")
+        _, result = run_training(cfg)
+        results.append(result)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m loralab.tasks.glue_report table RUNS_DIR [--out DIR]
+    python -m loralab.tasks.glue_report seeds --preset glue-cpu-rte --seeds 0,1,2,3,4 [key=value ...]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m loralab.tasks.glue_report", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("table", help="the GLUE table of the finished runs under RUNS_DIR")
+    p.add_argument("runs_dir")
+    p.add_argument("--out", help="where glue_table.md/.json go (default: RUNS_DIR)")
+    p = sub.add_parser("seeds", help="train one run per seed, then print and write the table")
+    p.add_argument("--preset")
+    p.add_argument("--config")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (the paper: median of 5)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    if args.cmd == "table":
+        results = collect_results(args.runs_dir)
+        if not results:
+            print(f"no finished GLUE runs under {args.runs_dir}")
+            return 1
+        write_glue_table(results, args.out or args.runs_dir)
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    results = run_seeds(args.preset, seeds, args.overrides, args.config)
+    write_glue_table(results, Path(results[0]["run_dir"]).parent if results[0].get("run_dir") else ".")
     return 0
 
 
