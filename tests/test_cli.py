@@ -321,3 +321,84 @@ def test_merge_exports_a_model_that_matches_the_adapter_model(capsys, tmp_path, 
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())
     assert info["max_abs_logit_diff_reloaded"] < 1e-5
+
+
+DRIVER = '''
+import sys, time, types
+import torch
+from torch import nn
+from loralab import cli
+from loralab.engine.task import TaskSpec
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(256, 2, generator=g)
+y = x @ torch.tensor([1.0, -2.0]) + 0.5
+data = [{"x": x[i], "y": y[i], "input_ids": [0]} for i in range(256)]
+
+def collate(examples):
+    return {"x": torch.stack([e["x"] for e in examples]), "y": torch.stack([e["y"] for e in examples])}
+
+def loss(model, batch):
+    time.sleep(0.03)  # slow enough to be interrupted mid-run
+    return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+
+def build(cfg):
+    torch.manual_seed(cfg.train.seed)
+    return nn.Linear(2, 1), TaskSpec(train_dataset=data, collate=collate, loss=loss), None
+
+def report(cfg, model, tokenizer, run_dir, fit_result):
+    return {"steps": fit_result.global_step, "weight": model.weight.tolist(), "bias": model.bias.tolist()}
+
+if __name__ == "__main__":
+    cli.get_experiment = lambda name: types.SimpleNamespace(build=build, report=report)
+    sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_through_the_cli_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """A real SIGINT to `loralab train` (real trainer): exit 130, run marked interrupted; `--resume`
+    finishes the same run, and its final weights equal those of a run that was never interrupted."""
+    import os
+    import runpy
+    import signal
+    import subprocess
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    args = ["train.max_steps=32", "train.batch_size=16", "train.save_every=4", "train.lr=0.05", "train.quiet=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    experiment = runpy.run_path(str(driver))  # the uninterrupted reference run, in this process
+    monkeypatch.setattr(cli, "get_experiment",
+                        lambda name: types.SimpleNamespace(build=experiment["build"], report=experiment["report"]))
+    code, _, err = _run(capsys, "train", f"out_dir={tmp_path / 'straight'}", *args)
+    assert code == 0, err
+    (straight,) = list_runs(tmp_path / "straight")
+
+    proc = subprocess.Popen([sys.executable, str(driver), "train", f"out_dir={tmp_path / 'cut'}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = list((tmp_path / "cut").glob("*/metrics.jsonl"))
+        if metrics and len(metrics[0].read_text().splitlines()) >= 9:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (cut,) = list_runs(tmp_path / "cut")
+    assert cut.status == "interrupted"
+
+    resumed = subprocess.run([sys.executable, str(driver), "train", "--resume", str(cut.dir)],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    (after,) = list_runs(tmp_path / "cut")
+    assert after.id == cut.id and after.status == "completed"
+    a = json.loads((straight.dir / "results.json").read_text())
+    b = json.loads((after.dir / "results.json").read_text())
+    assert a["steps"] == b["steps"] == 32
+    assert (a["weight"], a["bias"]) == (b["weight"], b["bias"])  # exact resume: bit-identical weights
+    steps = [json.loads(line).get("step") for line in (after.dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(1) == 1 and max(steps) == 32  # continued from the checkpoint, did not start over
