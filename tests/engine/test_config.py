@@ -223,6 +223,20 @@ def test_partial_yaml_and_file_errors(tmp_path):
         load_config(_yaml(tmp_path, "train: 3\n", "scalar.yaml"))
 
 
+def test_duplicate_yaml_keys_are_errors(tmp_path):
+    path = _yaml(tmp_path, """
+        train:
+          lr: 1.0e-4
+        lora: {r: 4}
+        train:
+          epochs: 3
+    """)
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' \(line 5 and line 1\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="duplicate key 'r'"):
+        load_config(_yaml(tmp_path, "lora: {r: 4, r: 8}\n", "dup2.yaml"))
+
+
 def _nondefault() -> RunConfig:
     return load_config(None, [
         "experiment=e2e", "name=my run", "model.name=smollm2-135m", "model.quantize=nf4", "model.num_labels=3",
