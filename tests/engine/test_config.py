@@ -231,7 +231,7 @@ def test_duplicate_yaml_keys_are_errors(tmp_path):
         train:
           epochs: 3
     """)
-    with pytest.raises(ConfigError, match=r"duplicate key 'train' \(line 5 and line 1\)"):
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' \(line 5 and line 2\)"):
         load_config(path)
     with pytest.raises(ConfigError, match="duplicate key 'r'"):
         load_config(_yaml(tmp_path, "lora: {r: 4, r: 8}\n", "dup2.yaml"))
