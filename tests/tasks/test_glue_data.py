@@ -139,3 +139,28 @@ def test_shared_release_files():
                        "label": 0}
     with pytest.raises(D.GlueDataError, match=str(SHARED.resolve() / "QNLI" / "train.tsv")):
         D.load_split(D.TASKS["qnli"], "train", data_dir=SHARED)
+
+
+def test_hub_rows_map_onto_release_fields(monkeypatch):
+    """A stand-in `datasets` module: the Hub's column names and split names become ours."""
+    import types
+
+    calls = []
+    rows = {"mrpc": [{"sentence1": "A b .", "sentence2": "C d .", "label": 1, "idx": 0}],
+            "mnli": [{"premise": "P .", "hypothesis": "H .", "label": 2, "idx": 0}],
+            "stsb": [{"sentence1": "x", "sentence2": "y", "label": 3.8, "idx": 0}],
+            "qnli": [{"question": "q ?", "sentence": "s .", "label": -1, "idx": 0}]}
+
+    def load_dataset(path, name, split, cache_dir=None):
+        calls.append((path, name, split))
+        return rows[name]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert D.load_split(D.TASKS["mrpc"], "dev", source="hub") == [{"#1 String": "A b .", "#2 String": "C d .", "label": 1}]
+    assert D.load_split(D.TASKS["mnli"], "dev_mismatched", source="hub") == [
+        {"sentence1": "P .", "sentence2": "H .", "label": 2}]
+    assert D.load_split(D.TASKS["stsb"], "train", source="hub")[0]["label"] == pytest.approx(3.8)
+    assert calls == [("nyu-mll/glue", "mrpc", "validation"), ("nyu-mll/glue", "mnli", "validation_mismatched"),
+                     ("nyu-mll/glue", "stsb", "train")]
+    with pytest.raises(D.GlueDataError, match="no labels"):  # e.g. a test split (label -1)
+        D.load_split(D.TASKS["qnli"], "dev", source="hub")

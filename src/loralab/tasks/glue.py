@@ -1,6 +1,6 @@
 """GLUE with LoRA, full fine-tuning or BitFit on an encoder with a sequence-classification head.
 
-    build(cfg)  -> (model, TaskSpec, tokenizer)      cfg.task.name picks the task (see glue_data.TASKS)
+    build(cfg)  -> (model, TaskSpec, tokenizer)      cfg.data.task picks the task (see glue_data.TASKS)
     report(cfg, model, tokenizer, run_dir, fit_result) -> dict   final dev metrics, written as JSON
 
 Loss: cross-entropy with ``TaskSpec.label_smoothing`` for classification; STS-B is regression with
@@ -28,6 +28,8 @@ from loralab.tasks.glue_data import (GlueDataError, GlueTask, get_task, load_spl
                                      subsample, task_files)
 from loralab.tasks.glue_methods import apply_method, count_parameters
 from loralab.tasks.glue_report import RESULT_FILE
+from loralab.tasks import glue_presets as _presets  # noqa: F401  (registers glue-paper-*, glue-cpu-*)
+
 
 def _log(msg: str) -> None:
     print(f"[glue] {msg}", file=sys.stderr, flush=True)
@@ -266,6 +268,3 @@ def report(cfg: Any, model: nn.Module, tokenizer: Any, run_dir: str | Path | Non
     print(f"[glue] {task.dir_name} {cfg.lora.method} seed {cfg.train.seed}: {shown} "
           f"(trainable {result['trainable_params']:,})", flush=True)
     return result
-
-
-from loralab.tasks import glue_presets as _presets  # noqa: E402,F401  (registers glue-paper-*, glue-cpu-*)
