@@ -136,6 +136,7 @@ def test_type_errors_name_key_value_and_type(override, message):
     ("train.eps=0", "train.eps: must be > 0"),
     ("train.max_steps=-1", "train.max_steps: must be >= 0, got -1"),
     ("train.log_every=0", "train.log_every: must be >= 1, got 0"),
+    ("train.warmup_steps=20|train.max_steps=10", "train.warmup_steps: 20 exceeds train.max_steps=10"),
     ("data.max_length=0", "data.max_length: must be >= 1, got 0"),
     ("model.num_labels=0", "model.num_labels: must be >= 1 or None, got 0"),
     ("generate.temperature=0", "generate.temperature: must be > 0"),
@@ -143,7 +144,7 @@ def test_type_errors_name_key_value_and_type(override, message):
 ])
 def test_range_errors(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, override.split("|"))
     assert message in str(err.value)
 
 

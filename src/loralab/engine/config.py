@@ -374,6 +374,8 @@ class TrainConfig(_Section):
         for name in ("batch_size", "grad_accum", "log_every"):
             _require(e, getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(e, 0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(e, not (self.max_steps > 0 and self.warmup_steps > self.max_steps), "warmup_steps",
+                 f"{self.warmup_steps} exceeds train.max_steps={self.max_steps}: the lr would never reach its peak")
         _require(e, self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0: off), got {self.max_grad_norm}")
         _require(e, 0 <= self.label_smoothing < 1, "label_smoothing",
                  f"must be in [0, 1), got {self.label_smoothing}")
