@@ -1,0 +1,423 @@
+"""Blockwise 4-bit quantization (NF4, FP4, Int4) and double quantization, in plain torch.
+
+A weight ``W`` is flattened and cut into blocks of ``block_size`` values (the last block may be short).
+Per block ``b`` with ``absmax_b = max |w|`` each value is scaled to ``s = w * (1 / absmax_b)`` in [-1, 1]
+and stored as the index of the nearest code of a 16-entry codebook ``c``:
+
+    q = argmin_k |s - c_k|,   found as  q = order[bucketize(s, midpoints)]
+
+where ``midpoints`` lie halfway between consecutive *sorted* codes and ``order`` maps sorted position
+back to the code index. ``bucketize`` (right=False) puts a value exactly on a midpoint into the lower
+bucket; that tie rule, the reciprocal-multiply for full blocks and the true division for a short last
+block are what bitsandbytes' CPU path does, so packed bytes and absmax are bit-identical to
+``bitsandbytes.functional.quantize_4bit`` (0.50.x). Two codes share a byte: element ``2i`` in the high
+nibble, element ``2i+1`` in the low nibble; the packed tensor has bnb's shape ``(ceil(n/2), 1)``.
+
+Dequantization is ``w_hat = c[q] * absmax_b`` computed in fp32 and rounded once to the output dtype.
+
+Double quantization (QLoRA): the fp32 absmax vector minus its mean ``offset`` is quantized to 8 bits
+with the signed dynamic map in blocks of 256, each block with its own fp32 scale. Storage per
+parameter with block 64: 4 + 8/64 + 32/(64*256) = 4.127 bits (vs 4.5 bits with plain fp32 absmax).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+QuantType = Literal["nf4", "fp4", "int4"]
+QUANT_TYPES = ("nf4", "fp4", "int4")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_BLOCK_SIZE = 256
+
+# NormalFloat4 (QLoRA, Dettmers et al. 2023): quantiles of N(0,1) rescaled to [-1, 1] with an exact zero,
+# 7 negative and 8 positive levels. These are the fp32 values bitsandbytes ships.
+_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]
+# FP4 (1 sign, 2 exponent, 1 mantissa bit, bnb's bias), indexed by bit pattern, divided by its max 12.
+_FP4_BITS = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
+
+
+def codebook(quant_type: QuantType) -> torch.Tensor:
+    """The 16 fp32 code values indexed by the stored 4-bit pattern."""
+    if quant_type == "nf4":
+        return torch.tensor(_NF4, dtype=torch.float32)
+    if quant_type == "fp4":
+        magnitudes = torch.tensor(_FP4_BITS, dtype=torch.float32)
+        return torch.cat([magnitudes, -magnitudes]) / 12.0
+    if quant_type == "int4":
+        # Symmetric integer levels k/7, k = -7..7 at index k+8; index 0 is a spare copy of -1.
+        levels = (torch.arange(16, dtype=torch.float32) - 8) / 7
+        levels[0] = -1.0
+        return levels
+    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+_BOUNDS_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _bounds(quant_type: QuantType) -> tuple[torch.Tensor, torch.Tensor]:
+    """(midpoints between sorted codes, sorted position -> code index as uint8)."""
+    if quant_type not in _BOUNDS_CACHE:
+        code = codebook(quant_type)
+        order = torch.argsort(code, stable=True)  # stable: +0 (index 0) sorts before -0 (index 8), as bnb
+        ordered = code[order]
+        _BOUNDS_CACHE[quant_type] = ((ordered[:-1] + ordered[1:]) / 2, order.to(torch.uint8))
+    return _BOUNDS_CACHE[quant_type]
+
+
+def dynamic_map_signed() -> torch.Tensor:
+    """bnb's signed 8-bit dynamic map (Dettmers 2015): sign, unary exponent 10^-e, linear fraction.
+
+    For exponent e = 0..6, ``2**e + 1`` fraction boundaries linspace(0.1, 1) give ``2**e`` bin means,
+    scaled by ``10**(e-6)`` and used with both signs; plus 0 and 1.0; 256 values sorted ascending.
+    """
+    values: list[float] = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (e - 6)  # multiplied in fp32 (as bnb does): the map equals bnb's bit for bit
+        values += (scale * means).tolist() + (-scale * means).tolist()
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def check_block_size(block_size: int, name: str = "block_size") -> None:
+    if not isinstance(block_size, int) or block_size < 32 or block_size > 4096 or block_size & (block_size - 1):
+        raise ValueError(f"{name} must be a power of two in [32, 4096] (e.g. 64), got {block_size!r}")
+
+
+def check_finite_float(tensor: torch.Tensor, name: str) -> None:
+    """Raise a ValueError naming ``name`` if the tensor is not a float tensor or holds NaN/Inf."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cannot quantize {name}: dtype {tensor.dtype} is not float32/float16/bfloat16")
+    if tensor.numel() == 0:
+        raise ValueError(f"cannot quantize {name}: it is empty")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"cannot quantize {name}: {bad} NaN/Inf values; fix or skip this tensor")
+
+
+@dataclass
+class QuantState:
+    """Everything needed to dequantize a packed 4-bit tensor (mirrors bnb's QuantState fields).
+
+    Without double quant ``absmax`` is fp32 (one per block). With it, ``absmax`` is uint8 codes of
+    ``absmax - offset`` in the dynamic map ``nested_code`` with fp32 scales ``nested_absmax`` per 256.
+    """
+
+    quant_type: str
+    block_size: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    absmax: torch.Tensor
+    code: torch.Tensor
+    offset: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    nested_block_size: int = NESTED_BLOCK_SIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+_CHUNK = 1 << 17  # elements per step: the temporaries of one step stay in L2 cache
+
+
+def _codes_from_scaled(scaled: torch.Tensor, bounds: list[float], order: torch.Tensor | None,
+                       out: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """uint8 code index of each scaled value: ``order[#{midpoints m : m < s}]``.
+
+    Counting midpoints below ``s`` is ``bucketize(s, midpoints)`` (a value exactly on a midpoint goes
+    to the lower code) but 15 vectorized compares are ~10x faster than a per-element binary search.
+    """
+    out.zero_()
+    for midpoint in bounds:
+        out.add_(torch.gt(scaled, midpoint, out=flags))
+    if order is not None:
+        out = torch.index_select(order, 0, out.int())
+    return out
+
+
+def _quantize_full_blocks(
+    flat: torch.Tensor, block_size: int, bounds: list[float], order: torch.Tensor | None,
+    packed: torch.Tensor, absmax: torch.Tensor,
+) -> None:
+    """Quantize the whole blocks of ``flat`` chunk by chunk into ``packed`` / ``absmax`` (preallocated).
+
+    Exact bnb arithmetic: ``s = w * (1 / max(absmax, 1e-38))`` in fp32, then the nearest code.
+    No clamp to [-1, 1] is needed: values past the outermost midpoints land in the end buckets anyway.
+    """
+    n_blocks = absmax.numel()
+    step = max(1, _CHUNK // block_size)
+    codes_buf = torch.empty(step * block_size, dtype=torch.uint8)
+    flags_buf = torch.empty(step * block_size, dtype=torch.bool)
+    for first in range(0, n_blocks, step):
+        last = min(first + step, n_blocks)
+        count = (last - first) * block_size
+        blocks = flat[first * block_size : last * block_size].view(-1, block_size)
+        owned = blocks.dtype != torch.float32
+        if owned:
+            blocks = blocks.float()  # a fresh copy we may overwrite in place
+        lo, hi = torch.aminmax(blocks, dim=1)  # max(-min, max) == max|w| exactly, without a |w| temporary
+        block_max = torch.maximum(hi, lo.neg_())
+        absmax[first:last] = block_max
+        scale = block_max.clamp_(min=1e-38).reciprocal_().unsqueeze(1)
+        scaled = blocks.mul_(scale) if owned else blocks * scale
+        codes = _codes_from_scaled(scaled.view(-1), bounds, order, codes_buf[:count], flags_buf[:count])
+        pairs = codes.view(-1, 2)
+        torch.bitwise_or(pairs[:, 0] << 4, pairs[:, 1], out=packed[first * block_size // 2 : last * block_size // 2])
+
+
+def quantize_4bit(
+    weight: torch.Tensor,
+    quant_type: QuantType = "nf4",
+    block_size: int = 64,
+    double_quant: bool = False,
+    name: str = "tensor",
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``weight`` blockwise to 4 bits. Returns (packed uint8 of shape (ceil(n/2), 1), state).
+
+    Raises ValueError naming ``name`` for NaN/Inf values, TypeError for non-float dtypes.
+    """
+    check_block_size(block_size)
+    midpoints, order = _bounds(quant_type)
+    bounds = midpoints.tolist()
+    sort_to_code = None if quant_type == "nf4" else order  # NF4's codes are already sorted
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cannot quantize {name}: dtype {weight.dtype} is not float32/float16/bfloat16")
+    if weight.numel() == 0:
+        raise ValueError(f"cannot quantize {name}: it is empty")
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    full = n - n % block_size
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
+    _quantize_full_blocks(flat, block_size, bounds, sort_to_code, packed, absmax[: full // block_size])
+    if full < n:  # short last block: bnb divides by its absmax instead of multiplying by the reciprocal
+        tail = flat[full:].float()
+        tail_max = tail.abs().max()
+        absmax[-1] = tail_max
+        scaled = tail / tail_max.clamp(min=1e-38)
+        if scaled.numel() % 2:
+            scaled = torch.cat([scaled, scaled.new_zeros(1)])
+        codes = _codes_from_scaled(scaled, bounds, sort_to_code, torch.empty(scaled.shape, dtype=torch.uint8),
+                                   torch.empty(scaled.shape, dtype=torch.bool)).view(-1, 2)
+        packed[full // 2 :] = (codes[:, 0] << 4) | codes[:, 1]
+    if not bool(torch.isfinite(absmax).all()):  # a NaN/Inf anywhere makes its block's absmax NaN/Inf
+        bad = int((~torch.isfinite(absmax)).sum())
+        raise ValueError(f"cannot quantize {name}: NaN/Inf values in {bad} of {absmax.numel()} blocks; "
+                         "fix the weights or skip this tensor")
+    state = QuantState(quant_type, block_size, tuple(weight.shape), weight.dtype, absmax, codebook(quant_type))
+    if double_quant:
+        state.offset = absmax.mean()
+        state.nested_code = dynamic_map_signed()
+        state.absmax, state.nested_absmax = quantize_8bit_blockwise(absmax - state.offset, state.nested_code)
+    return packed.unsqueeze(1), state
+
+
+_LUT_SIZE = 65536
+_LUTS: dict[tuple[float, ...], torch.Tensor] = {}
+
+
+def _nearest_code_lut(code: torch.Tensor) -> torch.Tensor:
+    """65536-bin table over [-1, 1]: bin i (value -1 + 2i/65535) -> index of the nearest sorted code.
+
+    bitsandbytes' CPU 8-bit quantizer looks codes up this way instead of searching exactly, so the
+    nested absmax codes only match bnb bit for bit if we discretize identically.
+    """
+    key = tuple(code.tolist())
+    if key not in _LUTS:
+        midpoints = (code[:-1] + code[1:]) * 0.5
+        grid = (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / float(_LUT_SIZE - 1) + (-1.0)
+        _LUTS[key] = torch.searchsorted(midpoints, grid, side="left").to(torch.uint8)
+    return _LUTS[key]
+
+
+def quantize_8bit_blockwise(
+    values: torch.Tensor, code: torch.Tensor, block_size: int = NESTED_BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 values -> (uint8 code indices, fp32 absmax per block), bnb's 8-bit blockwise scheme.
+
+    Per block: ``s = clamp(v * (1/absmax), -1, 1)``, bin ``trunc((s+1)*0.5*65535 + 0.5)``, code = LUT[bin];
+    an all-zero block stores code 0. ``code`` must be sorted ascending (the dynamic map is).
+    """
+    flat = values.float().reshape(-1)
+    n = flat.numel()
+    n_blocks = -(-n // block_size)
+    blocks = torch.cat([flat, flat.new_zeros(n_blocks * block_size - n)]).view(n_blocks, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # all-zero block: no 0*inf
+    scaled = (blocks * inverse.unsqueeze(1)).clamp_(-1.0, 1.0)
+    bins = ((scaled + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)
+    q = _nearest_code_lut(code)[bins]
+    q[absmax == 0] = 0
+    return q.reshape(-1)[:n].contiguous(), absmax
+
+
+def dequantize_absmax(state: QuantState) -> torch.Tensor:
+    """The fp32 per-block scales: stored directly, or ``nested_code[q] * nested_absmax + offset``."""
+    if not state.double_quant:
+        return state.absmax.float()
+    n = state.absmax.numel()
+    values = state.nested_code[state.absmax.long()]
+    bs = state.nested_block_size
+    full = n - n % bs
+    out = torch.empty(n, dtype=torch.float32)
+    torch.mul(values[:full].view(-1, bs), state.nested_absmax[: full // bs].unsqueeze(1), out=out[:full].view(-1, bs))
+    if full < n:
+        torch.mul(values[full:], state.nested_absmax[-1], out=out[full:])
+    return out.add_(state.offset)
+
+
+_PAIR_TABLES: dict[tuple[float, ...], torch.Tensor] = {}
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64 view of a (256, 2) fp32 table: byte -> (code[high nibble], code[low nibble]).
+
+    Gathering 8-byte words decodes two values per byte in one 1-D gather.
+    """
+    key = tuple(code.tolist())
+    if key not in _PAIR_TABLES:
+        byte = torch.arange(256)
+        pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
+        _PAIR_TABLES[key] = pairs.view(torch.int64).view(256)
+    return _PAIR_TABLES[key]
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Packed codes -> tensor of ``state.shape`` in ``dtype`` (default: the original dtype).
+
+    ``w_hat = code[q] * absmax_block`` in fp32, rounded once to ``dtype`` (bnb's CPU arithmetic).
+    Works chunk by chunk so the int32 indices and fp32 pairs of a step stay in cache.
+    """
+    dtype = dtype or state.dtype
+    n, bs = state.numel, state.block_size
+    absmax = dequantize_absmax(state)
+    table = _pair_table(state.code.float())
+    data = packed.reshape(-1).view(torch.uint8)
+    out = torch.empty(n, dtype=dtype)
+    full = n - n % bs
+    n_blocks = full // bs
+    step = max(1, _CHUNK // bs)
+    index_buf = torch.empty(step * bs // 2, dtype=torch.int32)  # reused: no allocation per chunk
+    pairs_buf = torch.empty(step * bs // 2, dtype=torch.int64)
+    for first in range(0, n_blocks, step):
+        last = min(first + step, n_blocks)
+        count = (last - first) * bs // 2
+        index = index_buf[:count].copy_(data[first * bs // 2 : last * bs // 2])
+        pairs = torch.index_select(table, 0, index, out=pairs_buf[:count])
+        torch.mul(pairs.view(torch.float32).view(-1, bs), absmax[first:last].unsqueeze(1),
+                  out=out[first * bs : last * bs].view(-1, bs))
+    if full < n:
+        values = torch.index_select(table, 0, data[full // 2 :].int()).view(torch.float32)[: n - full]
+        torch.mul(values, absmax[-1], out=out[full:])
+    return out.view(state.shape)
+
+
+def bits_per_param(packed: torch.Tensor, state: QuantState) -> float:
+    """Storage bits per parameter from the real tensors: packed codes + scales (+ nested scales, offset).
+
+    Codebooks are shared constants (16 / 256 values per model, not per tensor) and not counted.
+    """
+    nbytes = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    if state.double_quant:
+        nbytes += state.nested_absmax.numel() * state.nested_absmax.element_size()
+        nbytes += state.offset.numel() * state.offset.element_size()
+    return 8.0 * nbytes / state.numel
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def state_to_bnb_dict(state: QuantState) -> dict[str, torch.Tensor]:
+    """bnb's packed serialized layout, keys relative to ``<module>.weight.``.
+
+    absmax, quant_map, [nested_absmax, nested_quant_map,] quant_state.bitsandbytes__<type>: a JSON blob
+    (as a uint8 tensor) with quant_type, blocksize, dtype, shape [, nested_blocksize, nested_dtype,
+    nested_offset].
+    """
+    if state.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bitsandbytes has no {state.quant_type!r} format; only nf4 and fp4 can be saved")
+    meta: dict = {"quant_type": state.quant_type, "blocksize": state.block_size,
+                  "dtype": _dtype_name(state.dtype), "shape": list(state.shape)}
+    tensors = {"absmax": state.absmax, "quant_map": state.code.clone()}
+    if state.double_quant:
+        tensors["nested_absmax"] = state.nested_absmax
+        tensors["nested_quant_map"] = state.nested_code.clone()
+        meta.update(nested_blocksize=state.nested_block_size, nested_dtype="float32",
+                    nested_offset=float(state.offset.item()))
+    blob = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    tensors[f"quant_state.bitsandbytes__{state.quant_type}"] = blob
+    return tensors
+
+
+def state_from_bnb_dict(entries: dict[str, torch.Tensor], name: str) -> QuantState:
+    """Inverse of ``state_to_bnb_dict``; ``entries`` keyed relative to ``<name>.``; errors name the tensor."""
+    blobs = [k for k in entries if k.startswith("quant_state.bitsandbytes__")]
+    if len(blobs) != 1:
+        raise ValueError(f"{name}: expected exactly one 'quant_state.bitsandbytes__nf4|fp4' entry, found {blobs}")
+    try:
+        meta = json.loads(bytes(entries[blobs[0]].to(torch.uint8).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{name}.{blobs[0]}: not a valid JSON quant-state blob ({err})") from err
+    for key in ("quant_type", "blocksize", "dtype", "shape"):
+        if key not in meta:
+            raise ValueError(f"{name}.{blobs[0]}: quant state lacks {key!r}")
+    for key in ("absmax", "quant_map"):
+        if key not in entries:
+            raise ValueError(f"{name}.{key} is missing from the checkpoint (4-bit weight without its scales)")
+    quant_type = meta["quant_type"]
+    if quant_type not in ("nf4", "fp4") or blobs[0] != f"quant_state.bitsandbytes__{quant_type}":
+        raise ValueError(f"{name}: quant_type {quant_type!r} inconsistent with entry {blobs[0]!r}")
+    check_block_size(int(meta["blocksize"]), f"{name} blocksize")
+    state = QuantState(quant_type, int(meta["blocksize"]), tuple(int(d) for d in meta["shape"]),
+                       getattr(torch, meta["dtype"]), entries["absmax"], entries["quant_map"].float())
+    n_blocks = -(-state.numel // state.block_size)
+    if "nested_absmax" in entries or "nested_offset" in meta:
+        for key in ("nested_absmax", "nested_quant_map"):
+            if key not in entries:
+                raise ValueError(f"{name}.{key} is missing but the quant state is double-quantized")
+        if "nested_offset" not in meta:
+            raise ValueError(f"{name}: nested_offset missing from the quant-state blob")
+        state.nested_absmax = entries["nested_absmax"].float()
+        state.nested_code = entries["nested_quant_map"].float()
+        state.nested_block_size = int(meta.get("nested_blocksize", NESTED_BLOCK_SIZE))
+        state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
+        if state.absmax.dtype != torch.uint8:
+            raise ValueError(f"{name}.absmax must be uint8 codes when double-quantized, got {state.absmax.dtype}")
+        want = -(-n_blocks // state.nested_block_size)
+        if state.nested_absmax.numel() != want:
+            raise ValueError(f"{name}.nested_absmax has {state.nested_absmax.numel()} values, expected {want}")
+    if state.absmax.numel() != n_blocks:
+        raise ValueError(f"{name}.absmax has {state.absmax.numel()} values, expected {n_blocks} "
+                         f"(shape {state.shape}, blocksize {state.block_size})")
+    if state.code.numel() != 16:
+        raise ValueError(f"{name}.quant_map must have 16 values, got {state.code.numel()}")
+    return state
+
+
+def check_packed(packed: torch.Tensor, state: QuantState, name: str) -> None:
+    """The packed weight must hold exactly ceil(n/2) bytes for the state's shape."""
+    want = (state.numel + 1) // 2
+    if packed.numel() * packed.element_size() != want:
+        raise ValueError(f"{name}: packed 4-bit weight has {packed.numel() * packed.element_size()} bytes, "
+                         f"expected {want} for shape {state.shape}")

@@ -1,0 +1,193 @@
+"""Blockwise 4-bit quantization against bitsandbytes 0.50.x (CPU) as the oracle: identical bytes and scales.
+
+Dequantization is checked against bnb's CPU kernel where that kernel is correct (row length a
+multiple of the block size, or odd rows that take bnb's generic path) and otherwise against an
+explicit float64 formula ``code[q] * absmax`` over bnb's own bytes (bnb 0.50.2's CPU dequant kernel
+mis-assigns blocks when a row is not a multiple of the block size; see test below).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loralab.core import quant as Q
+
+F = pytest.importorskip("bitsandbytes.functional")
+
+SHAPES = [(64,), (33, 7), (3,), (257, 131), (128, 128), (1000,), (2, 4096)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _weights(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * torch.rand(shape, generator=g) * 3).to(dtype)
+
+
+def _reference_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, bs: int):
+    """float64 formula: nibble order high-then-low, value = code[q] * absmax[i // bs]."""
+    data = packed.reshape(-1).long()
+    q = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)[:n]
+    scale = absmax.double().repeat_interleave(bs)[:n]
+    return code.double()[q] * scale
+
+
+def test_codebooks_and_dynamic_map_equal_bnb():
+    assert torch.equal(Q.codebook("nf4"), F.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(Q.codebook("fp4"), F.get_4bit_type("fp4", device="cpu"))
+    assert Q.codebook("nf4")[7] == 0.0  # NF4's exact zero
+    assert torch.equal(Q.dynamic_map_signed(), F.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bytes_and_absmax_bit_exact_with_bnb(quant_type, dtype):
+    for i, shape in enumerate(SHAPES):
+        for block_size in (32, 64, 256, 4096):
+            w = _weights(shape, dtype, seed=i * 7 + block_size)
+            ref_packed, ref_state = F.quantize_4bit(w, blocksize=block_size, quant_type=quant_type)
+            packed, state = Q.quantize_4bit(w, quant_type, block_size)
+            assert packed.shape == ref_packed.shape == ((w.numel() + 1) // 2, 1)
+            assert torch.equal(packed, ref_packed), (shape, block_size)
+            assert torch.equal(state.absmax, ref_state.absmax), (shape, block_size)
+
+
+def test_ties_on_midpoints_go_to_lower_code_like_bnb():
+    """Values exactly on a midpoint between codes (and +-0 for FP4) are where rounding rules differ."""
+    for quant_type in ("nf4", "fp4"):
+        mids, _ = Q._bounds(quant_type)
+        values = torch.cat([mids, mids.nextafter(torch.tensor(2.0)), mids.nextafter(torch.tensor(-2.0)),
+                            torch.tensor([0.0, -0.0, 1e-9, -1e-9])])
+        w = torch.cat([torch.tensor([1.0]), values, torch.zeros(64 - 1 - values.numel() % 64)])
+        w = torch.cat([w, torch.ones(64 - w.numel() % 64)]) if w.numel() % 64 else w
+        ref_packed, _ = F.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+        packed, _ = Q.quantize_4bit(w, quant_type, 64)
+        assert torch.equal(packed, ref_packed), quant_type
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_double_quant_state_equals_bnb(dtype):
+    for i, shape in enumerate([(64, 64), (300, 77), (4096, 17), (5,)]):
+        w = _weights(shape, dtype, seed=100 + i)
+        ref_packed, ref = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, state = Q.quantize_4bit(w, "nf4", 64, double_quant=True)
+        assert torch.equal(packed, ref_packed)
+        assert state.absmax.dtype == torch.uint8 and torch.equal(state.absmax, ref.absmax)
+        assert torch.equal(state.offset, ref.offset)
+        assert torch.equal(state.nested_absmax, ref.state2.absmax)
+        assert torch.equal(state.nested_code, ref.state2.code)
+        ref_absmax = F.dequantize_blockwise(ref.absmax, ref.state2) + ref.offset
+        assert torch.equal(Q.dequantize_absmax(state), ref_absmax)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_equals_bnb_cpu_kernel(quant_type, double_quant, dtype):
+    for i, shape in enumerate([(128, 128), (64, 256), (33, 7), (257, 131)]):  # rows % 64 == 0 or odd rows
+        w = _weights(shape, dtype, seed=200 + i)
+        ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type,
+                                                compress_statistics=double_quant)
+        packed, state = Q.quantize_4bit(w, quant_type, 64, double_quant)
+        ref = F.dequantize_4bit(ref_packed, ref_state)
+        out = Q.dequantize_4bit(packed, state)
+        assert out.dtype == dtype and out.shape == w.shape
+        assert torch.equal(out, ref.reshape(w.shape)), shape
+
+
+def test_dequantize_matches_formula_where_bnb_cpu_kernel_is_wrong():
+    w = _weights((128, 96), torch.float32, seed=3)  # 96-element rows straddle 64-element blocks
+    ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    packed, state = Q.quantize_4bit(w, "nf4", 64)
+    formula = _reference_dequant(ref_packed, ref_state.absmax, ref_state.code, w.numel(), 64).reshape(w.shape)
+    out = Q.dequantize_4bit(packed, state)
+    torch.testing.assert_close(out.double(), formula, rtol=0, atol=1e-6)
+    assert (out - w).abs().max() <= ref_state.absmax.max() * 0.2  # error bounded by the widest NF4 gap
+    bnb_cpu = F.dequantize_4bit(ref_packed, ref_state)
+    assert (bnb_cpu - w).abs().max() > (out - w).abs().max()  # documents bnb's kernel bug, not ours
+
+
+def test_int4_is_symmetric_round_to_nearest():
+    w = _weights((16, 64), torch.float32, seed=5)
+    packed, state = Q.quantize_4bit(w, "int4", 64)
+    out = Q.dequantize_4bit(packed, state).double()
+    absmax = w.abs().reshape(-1, 64).amax(1).double().repeat_interleave(64).reshape(w.shape)
+    expected = torch.round(w.double() / absmax * 7) / 7 * absmax  # ties are measure-zero for random data
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_quantization_error_ordering_nf4_best_on_normal_weights():
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for qt in ("nf4", "fp4", "int4"):
+        packed, state = Q.quantize_4bit(w, qt, 64)
+        errors[qt] = float((Q.dequantize_4bit(packed, state) - w).pow(2).mean())
+    assert errors["nf4"] < errors["fp4"] and errors["nf4"] < errors["int4"], errors
+
+
+def test_bits_per_param_with_and_without_double_quant():
+    w = torch.randn(1024, 1024)
+    packed, state = Q.quantize_4bit(w, "nf4", 64, double_quant=False)
+    assert Q.bits_per_param(packed, state) == pytest.approx(4 + 32 / 64)
+    packed, state = Q.quantize_4bit(w, "nf4", 64, double_quant=True)
+    expected = 4 + 8 / 64 + 32 / (64 * 256) + 32 / w.numel()  # + one fp32 offset per tensor
+    assert Q.bits_per_param(packed, state) == pytest.approx(expected)
+    assert round(Q.bits_per_param(packed, state), 3) == 4.127
+
+
+def test_bnb_serialized_dict_round_trip_and_matches_bnb_as_dict():
+    w = torch.randn(64, 96)
+    ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, state = Q.quantize_4bit(w, "nf4", 64, double_quant=True)
+    ours = Q.state_to_bnb_dict(state)
+    theirs = ref_state.as_dict(packed=True)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        if "quant_state" in key:
+            from bitsandbytes.utils import unpack_tensor_to_dict
+            a, b = unpack_tensor_to_dict(ours[key]), unpack_tensor_to_dict(theirs[key])
+            assert {k: a[k] for k in a if k != "shape"} == {k: b[k] for k in b if k != "shape"}
+            assert list(a["shape"]) == list(b["shape"])
+        else:
+            assert torch.equal(ours[key], theirs[key]), key
+    back = Q.state_from_bnb_dict(dict(theirs), "layer.weight")
+    assert torch.equal(Q.dequantize_4bit(ref_packed, back), Q.dequantize_4bit(packed, state))
+
+
+def test_bad_inputs_raise_clear_errors():
+    w = torch.randn(64, 64)
+    for bad in (0, 16, 48, 100, 8192):
+        with pytest.raises(ValueError, match="power of two in \\[32, 4096\\]"):
+            Q.quantize_4bit(w, "nf4", bad)
+    with pytest.raises(ValueError, match="quant_type"):
+        Q.quantize_4bit(w, "nf3", 64)
+    with pytest.raises(TypeError, match="my.weight.*int64"):
+        Q.quantize_4bit(torch.ones(64, 64, dtype=torch.int64), name="my.weight")
+    for value in (math.nan, math.inf, -math.inf):
+        w_bad = w.clone()
+        w_bad[3, 5] = value
+        with pytest.raises(ValueError, match="layers.0.q_proj.weight.*NaN/Inf"):
+            Q.quantize_4bit(w_bad, name="layers.0.q_proj.weight")
+    w_tail = torch.randn(65)
+    w_tail[-1] = math.nan  # NaN in the short last block
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        Q.quantize_4bit(w_tail, name="t")
+
+
+def test_inconsistent_serialized_state_names_the_tensor():
+    packed, state = Q.quantize_4bit(torch.randn(64, 64), "nf4", 64, double_quant=True)
+    good = Q.state_to_bnb_dict(state)
+    missing = {k: v for k, v in good.items() if k != "nested_absmax"}
+    with pytest.raises(ValueError, match="mlp.up_proj.weight.nested_absmax"):
+        Q.state_from_bnb_dict(missing, "mlp.up_proj.weight")
+    with pytest.raises(ValueError, match="mlp.up_proj.weight.absmax is missing"):
+        Q.state_from_bnb_dict({k: v for k, v in good.items() if k != "absmax"}, "mlp.up_proj.weight")
+    wrong = dict(good, absmax=good["absmax"][:-1])
+    with pytest.raises(ValueError, match="mlp.up_proj.weight.absmax has 63 values, expected 64"):
+        Q.state_from_bnb_dict(wrong, "mlp.up_proj.weight")
+    with pytest.raises(ValueError, match="quant_state.bitsandbytes__nf4"):
+        Q.state_from_bnb_dict({k: v for k, v in good.items() if "quant_state" not in k}, "mlp.up_proj.weight")
+    with pytest.raises(ValueError, match="x.weight: packed 4-bit weight has 2047 bytes, expected 2048"):
+        Q.check_packed(packed[:-1], state, "x.weight")
