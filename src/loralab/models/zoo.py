@@ -213,26 +213,14 @@ def load_model(name: str, kind: ModelKind = "causal_lm", num_labels: int | None 
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     if quantize is not None:
-        return _load_quantized(path, auto, kind, quantize=quantize, double_quant=double_quant,
-                               compute_dtype=compute_dtype or dtype, dtype=dtype,
-                               trust_remote_code=trust_remote_code, **kwargs)
+        from loralab.models.load4bit import load_4bit
+
+        return load_4bit(path, auto, kind, quantize=quantize, double_quant=double_quant,
+                         compute_dtype=compute_dtype or dtype, dtype=dtype,
+                         trust_remote_code=trust_remote_code, **kwargs)
     model, info = auto.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
                                        trust_remote_code=trust_remote_code,
                                        output_loading_info=True, **kwargs)
     model.loralab_load_info = {"source": str(path), **check_loading_info(info, kind, str(path))}
     return model
 
-
-def _load_quantized(path: Path, auto: Any, kind: str, *, quantize: str, double_quant: bool,
-                    compute_dtype: torch.dtype, dtype: torch.dtype, trust_remote_code: bool,
-                    **kwargs: Any) -> torch.nn.Module:
-    """4-bit load without materializing full-precision weights: build on the meta device, then stream
-    the safetensors through the core 4-bit loader (loralab.core.linear4bit, helper QUANT)."""
-    try:
-        from loralab.core import linear4bit  # noqa: F401
-    except ImportError as exc:
-        # CALL SITE PENDING: loralab.core.linear4bit (helper QUANT) does not exist yet.
-        raise NotImplementedError(
-            f"load_model(..., quantize={quantize!r}) needs loralab.core.linear4bit, which is not "
-            "available yet; load in full precision and quantize with loralab.core tools") from exc
-    raise NotImplementedError("4-bit streaming load: wiring to loralab.core.linear4bit is pending")
