@@ -199,8 +199,9 @@ def load_model(name: str, kind: ModelKind = "causal_lm", num_labels: int | None 
     """Load ``name`` as a ``seq_cls`` (needs ``num_labels``), ``causal_lm`` or ``base`` model.
 
     With ``quantize`` ("nf4", "fp4", "int4") the linear layers are stored in 4 bits (QLoRA) and the
-    full-precision model is never materialized. The result carries ``model.loralab_load_info``:
-    ``{"source", "new_head", "unexpected_keys"}``.
+    full-precision model is never materialized (see :mod:`loralab.models.load4bit`); output heads stay
+    in ``dtype``. Weights left randomly initialized other than a new seq-cls head raise. The result
+    carries ``model.loralab_load_info``: ``{"source", "new_head", "unexpected_keys"}`` (+ "quantize").
     """
     if kind == "seq_cls" and not num_labels:
         raise ValueError("kind='seq_cls' needs num_labels (the number of classes; 1 for regression)")
