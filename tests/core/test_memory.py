@@ -100,3 +100,23 @@ def test_bitsandbytes_4bit_layer_packed_and_quant_state():
     expected = blocks * 1 + 16 * FP32 + FP32 + ((blocks + 255) // 256) * FP32 + 256 * FP32
     assert report.format_bytes("frozen base", QUANT_STATE) == expected
     assert report.format_bytes("frozen base", "fp32") == 128 * FP32  # the bias
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_loralab_linear4bit_under_lora(double_quant):
+    linear4bit = pytest.importorskip("loralab.core.linear4bit")
+    from loralab.core.config import LoraConfig
+    from loralab.core.inject import inject_adapter
+
+    model = nn.Sequential()
+    model.add_module("proj", linear4bit.Linear4bit.from_linear(nn.Linear(64, 128), double_quant=double_quant))
+    inject_adapter(model, LoraConfig(r=4, lora_alpha=4, target_modules=["proj"]))
+    report = memory_report(model)
+    blocks = 64 * 128 // 64
+    # double quant: uint8 absmax per 64-block + fp32 absmax per 256 of them + 256-entry fp32 map + fp32
+    # offset; plain: fp32 absmax per 64-block. Both: 16-entry fp32 NF4 code.
+    absmax = blocks + ((blocks + 255) // 256) * FP32 + 256 * FP32 + FP32 if double_quant else blocks * FP32
+    assert report.format_bytes("frozen base", PACKED_4BIT) == 64 * 128 // 2
+    assert report.format_bytes("frozen base", QUANT_STATE) == absmax + 16 * FP32
+    assert report.format_bytes("frozen base", "fp32") == 128 * FP32  # frozen bias, full precision
+    assert report.role_bytes("trainable") == (4 * 64 + 128 * 4) * FP32

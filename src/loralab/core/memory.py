@@ -7,7 +7,8 @@ deduplicated) under one role:
   fp16 ..., ``4-bit packed`` (the uint8 weight of a 4-bit layer: two 4-bit codes per byte) and
   ``quant state`` (that layer's other tensors: absmax, quant map, nested/double-quant absmax ...).
   A 4-bit layer is any module with a ``dequantize()`` method whose ``weight`` is uint8 (loralab's
-  Linear4bit); bitsandbytes ``Params4bit`` are recognised too (their ``quant_state`` holds the rest).
+  Linear4bit, whose buffers are weight + absmax, quant_map, nested_absmax, nested_quant_map, offset);
+  bitsandbytes ``Params4bit`` are recognised too (their ``quant_state`` object holds the rest).
 - ``trainable``    -- parameters with requires_grad=True (LoRA A/B, modules_to_save, ...).
 - ``gradients``    -- every ``param.grad`` present.
 - ``optimizer``    -- every tensor in ``optimizer.state`` (fp32 moments, 8-bit codes + absmax, steps).
