@@ -218,6 +218,7 @@ def test_smollm2_matches_transformers_gguf_loader(smollm2):
     assert model.config.rope_parameters["rope_theta"] == ref.config.rope_parameters["rope_theta"]
     # And one Q4_1 tensor straight from gguf.quants.dequantize (V is not permuted).
     reader = gguf.GGUFReader(str(src))
+    assert tok.chat_template == reader.fields["tokenizer.chat_template"].contents()
     t = next(t for t in reader.tensors if t.name == "blk.7.attn_v.weight")
     assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
     expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
