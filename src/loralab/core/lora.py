@@ -178,8 +178,8 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.weight.shape
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        # Writing the update straight into the base output (one fused addmm) is safe only for bases whose
-        # backward does not keep their output; unknown bases get a copy.
+        # The fused base+LoRA autograd function recomputes the base itself: only for the two bases whose
+        # forward is one known addmm; every other base goes through its own forward (generic path).
         self._inplace_ok = type(base_layer) is nn.Linear or self.kind == "conv1d"
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -245,32 +245,125 @@ class LoraLinear(LoraLayer):
         super()._add_to_base_weight(delta, sign)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         if not self._branch:  # merged or disabled: exactly the base forward
-            return y
-        if not self._inplace_ok:
-            y = y.clone()
-        y2 = y.view(-1, self.out_features)
-        for name in self._branch:
-            A, B = self.lora_A[name].weight, self.lora_B[name].weight
-            h = self.lora_dropout[name](x)
-            h = h.reshape(-1, self.in_features).to(A.dtype) @ A.T  # (N, r*k): one matmul for all slices
-            s = self.scaling[name]
-            if self.enable[name] is None:
-                self._accumulate(y2, h, B, s)
-            else:
-                r, d = self.r[name], self.out_features // len(self.enable[name])
-                for i, slot in self._slices(name):
-                    self._accumulate(y2[:, slot * d:(slot + 1) * d], h[:, i * r:(i + 1) * r], B[i * d:(i + 1) * d], s)
-        return y
+            return self.base_layer(x, *args, **kwargs)
+        if self._fast_path_ok(x, args, kwargs):
+            name = self._branch[0]
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            base = self.base_layer
+            y = _BasePlusLora.apply(
+                x.reshape(-1, self.in_features), base.weight, base.bias, self.lora_A[name].weight,
+                self.lora_B[name].weight, self.scaling[name], p, self.kind == "conv1d",
+                self._slice_plan(name),
+            )
+            return y.view(*x.shape[:-1], self.out_features)
+        return self._forward_generic(x, *args, **kwargs)
 
-    @staticmethod
-    def _accumulate(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> None:
-        """out += s * h B^T, in place (a single addmm writing into the base output when dtypes agree)."""
-        if out.dtype == h.dtype:
-            out.addmm_(h, B.T, alpha=s)
-        else:
-            out.add_((h @ B.T).to(out.dtype), alpha=s)
+    def _fast_path_ok(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """One adapter over a frozen nn.Linear/Conv1D without hooks, all in one dtype: use _BasePlusLora."""
+        base = self.base_layer
+        return (
+            self._inplace_ok and len(self._branch) == 1 and not args and not kwargs
+            and not base._forward_hooks and not base._forward_pre_hooks and not base.weight.requires_grad
+            and x.dtype == base.weight.dtype == self.lora_A[self._branch[0]].weight.dtype
+        )
+
+    def _slice_plan(self, name: str) -> tuple | None:
+        """None for a plain adapter; (r, d, ((position, slot), ...)) for a fused one."""
+        if self.enable[name] is None:
+            return None
+        return self.r[name], self.out_features // len(self.enable[name]), tuple(self._slices(name))
+
+    def _forward_generic(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Any base, dtype mix or number of adapters, through plain autograd (no in-place on views)."""
+        y = self.base_layer(x, *args, **kwargs)
+        y2 = y.reshape(-1, self.out_features)
+        for name in self._branch:
+            A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            h = self.lora_dropout[name](x).reshape(-1, self.in_features).to(A.dtype) @ A.T
+            plan = self._slice_plan(name)
+            if plan is None:
+                y2 = y2 + (s * (h @ B.T)).to(y2.dtype)
+            else:
+                r, d, slices = plan
+                pieces = list(y2.split(d, dim=1))
+                for i, slot in slices:
+                    pieces[slot] = pieces[slot] + (s * (h[:, i * r:(i + 1) * r] @ B[i * d:(i + 1) * d].T)).to(y2.dtype)
+                y2 = torch.cat(pieces, dim=1)
+        return y2.view(*y.shape)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"
+
+
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Dropout keep-mask (1 with probability 1 - p, else 0) in x's dtype, and the exact drop probability used.
+
+    Each element gets 16 fresh random bits (four per int64 draw) and is dropped when they fall below
+    round(p * 2^16), so p is honoured up to 2^-16 (0.1 -> 0.100006); on CPU this costs a quarter of
+    torch's dropout kernel. The caller rescales by 1 / (1 - p_used), keeping the update unbiased.
+    """
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    drop = round(p * 65536)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= drop - 32768
+    return keep.to(x.dtype), drop / 65536
+
+
+class _BasePlusLora(torch.autograd.Function):
+    """y = x W^T + b + s B A drop(x) for a frozen W, as one autograd node (x is N x in).
+
+    With the keep mask m and c = 1 / (1 - p), drop(x) = c (m * x); write x_m = m * x, h = x_m A^T.
+    Forward: the base addmm, h (one matmul for all slices), then ``y[:, slot] += s c h_i B_i^T`` in place
+    (no autograd views, no extra N x out tensor). Backward, with g = dL/dy and g_h = s c g B (per slice):
+        dL/dB = s c g^T h,   dL/dA = g_h^T x_m,   dL/dx = g W + (g_h A) * m,   dL/db = sum_rows g
+    so the frozen and the LoRA paths to x are summed inside one buffer rather than by autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, s: float, p: float, transposed: bool, plan):
+        w_t = weight if transposed else weight.t()  # (in, out)
+        y = torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
+        keep = None
+        if p > 0:
+            keep, p = keep_mask(x, p)
+            x = x * keep
+        sc = s / (1.0 - p)
+        h = F.linear(x, A)
+        if plan is None:
+            y.addmm_(h, B.t(), alpha=sc)
+        else:
+            r, d, slices = plan
+            for i, slot in slices:
+                y[:, slot * d:(slot + 1) * d].addmm_(h[:, i * r:(i + 1) * r], B[i * d:(i + 1) * d].t(), alpha=sc)
+        ctx.save_for_backward(x, h, weight, A, B, keep)
+        ctx.meta = (sc, transposed, plan)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x_m, h, weight, A, B, keep = ctx.saved_tensors
+        sc, transposed, plan = ctx.meta
+        if plan is None:
+            g_h = F.linear(g, B.t().contiguous()).mul_(sc)  # g B, in the faster (weight^T) GEMM layout
+            g_B = (h.t() @ g).t().mul_(sc) if ctx.needs_input_grad[4] else None
+        else:
+            r, d, slices = plan
+            g_h, g_B = h.new_empty(h.shape), B.new_empty(B.shape)
+            for i, slot in slices:
+                g_slot, rows = g[:, slot * d:(slot + 1) * d], slice(i * d, (i + 1) * d)
+                g_h[:, i * r:(i + 1) * r] = F.linear(g_slot, B[rows].t().contiguous())
+                g_B[rows] = (h[:, i * r:(i + 1) * r].t() @ g_slot).t()
+            g_h.mul_(sc)
+            g_B.mul_(sc)
+        g_A = g_h.t() @ x_m if ctx.needs_input_grad[3] else None
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_x = g @ (weight.t() if transposed else weight)
+            if keep is None:
+                g_x.addmm_(g_h, A)
+            else:
+                g_x.addcmul_(g_h @ A, keep)
+        g_b = g.sum(0) if ctx.needs_input_grad[2] else None
+        return g_x, None, g_b, g_A, g_B, None, None, None, None
