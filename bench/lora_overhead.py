@@ -14,7 +14,10 @@ under the same machine load):
   lora_p0/p01  loralab adapter (dropout 0 / 0.1), forward + backward (grads of A, B).
   peft_p0/p01  PEFT 0.21 LoraModel with the same rank/targets, forward + backward.
   base / unmerged / merged  inference (no_grad) of the base, loralab unmerged, loralab merged.
-Ratios are medians over rounds of per-round ratios. Writes bench/results/lora_overhead.json.
+Ratios are medians over rounds of per-round ratios, for wall time (the headline keys) and for process CPU
+time (``cpu_time``: less sensitive to other jobs on a shared machine). OMP_WAIT_POLICY defaults to PASSIVE
+here so that, on an oversubscribed machine, idle OpenMP threads sleep instead of spinning.
+Writes bench/results/lora_overhead.json.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the torch import
 
-from loralab.core.config import LoraConfig
+import torch  # noqa: E402
+
+from loralab.core.config import LoraConfig  # noqa: E402
 from loralab.core.inject import inject_adapter, merge_adapters, set_adapter, unmerge_adapters
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora_overhead.json"
@@ -109,15 +115,16 @@ def variants(kind: str, batch: int, seq: int) -> dict:
     }, ours
 
 
-def timed(fn, setup=None, teardown=None) -> float:
+def timed(fn, setup=None, teardown=None) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call; setup/teardown are not timed."""
     if setup:
         setup()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     if teardown:
         teardown()
-    return dt
+    return dt, dc
 
 
 def run(kind: str, batch: int, seq: int, rounds: int) -> dict:
@@ -127,27 +134,32 @@ def run(kind: str, batch: int, seq: int, rounds: int) -> dict:
              "unmerged": (lambda: set_adapter(ours, "p0"), None)}
     for name in names:  # warmup
         timed(fns[name], *hooks.get(name, (None, None)))
-    times: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for i in range(rounds):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
-            times[name].append(timed(fns[name], *hooks.get(name, (None, None))))
+            dt, dc = timed(fns[name], *hooks.get(name, (None, None)))
+            wall[name].append(dt)
+            cpu[name].append(dc)
 
-    def ratio(a, b):
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    def ratios(times):
+        def ratio(a, b):
+            return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
-    return {
-        "batch": batch, "seq": seq, "rounds": rounds,
-        "median_s": {n: statistics.median(t) for n, t in times.items()},
-        "lora_p0_over_floor": ratio("lora_p0", "floor"),
-        "lora_p01_over_floor": ratio("lora_p01", "floor"),
-        "lora_over_peft_p0": ratio("lora_p0", "peft_p0"),
-        "lora_over_peft_p01": ratio("lora_p01", "peft_p01"),
-        "peft_p0_over_floor": ratio("peft_p0", "floor"),
-        "peft_p01_over_floor": ratio("peft_p01", "floor"),
-        "unmerged_over_base": ratio("unmerged", "base"),
-        "merged_over_base": ratio("merged", "base"),
-    }
+        return {k: ratio(a, b) for k, (a, b) in RATIOS.items()}
+
+    return {"batch": batch, "seq": seq, "rounds": rounds, **ratios(wall), "cpu_time": ratios(cpu),
+            "median_wall_s": {n: statistics.median(t) for n, t in wall.items()},
+            "median_cpu_s": {n: statistics.median(t) for n, t in cpu.items()}}
+
+
+RATIOS = {
+    "lora_p0_over_floor": ("lora_p0", "floor"), "lora_p01_over_floor": ("lora_p01", "floor"),
+    "lora_over_peft_p0": ("lora_p0", "peft_p0"), "lora_over_peft_p01": ("lora_p01", "peft_p01"),
+    "peft_p0_over_floor": ("peft_p0", "floor"), "peft_p01_over_floor": ("peft_p01", "floor"),
+    "unmerged_over_base": ("unmerged", "base"), "merged_over_base": ("merged", "base"),
+}
 
 
 def main() -> None:
@@ -159,18 +171,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shapes = {"encoder": (8, 64), "decoder": (2, 64)} if args.quick else {"encoder": (32, 128), "decoder": (4, 128)}
-    rounds = args.rounds or (3 if args.quick else 9)
+    rounds = args.rounds or (3 if args.quick else 7)
     results = {"threads": args.threads, "quick": args.quick, "torch": torch.__version__,
                "machine": f"{platform.machine()} {platform.processor()}".strip()}
     for kind, (batch, seq) in shapes.items():
         results[kind] = run(kind, batch, seq, rounds)
-    keys = ["lora_p0_over_floor", "lora_p01_over_floor", "lora_over_peft_p0", "lora_over_peft_p01",
-            "peft_p0_over_floor", "peft_p01_over_floor", "unmerged_over_base", "merged_over_base"]
-    print(f"{'median ratio':<22}{'encoder':>10}{'decoder':>10}")
-    for k in keys:
-        print(f"{k:<22}{results['encoder'][k]:>10.3f}{results['decoder'][k]:>10.3f}")
+    enc, dec = results["encoder"], results["decoder"]
+    print(f"{'median ratio':<22}{'enc wall':>10}{'enc cpu':>10}{'dec wall':>10}{'dec cpu':>10}")
+    for k in RATIOS:
+        print(f"{k:<22}{enc[k]:>10.3f}{enc['cpu_time'][k]:>10.3f}{dec[k]:>10.3f}{dec['cpu_time'][k]:>10.3f}")
     for kind in shapes:
-        print(kind, {n: round(t, 4) for n, t in results[kind]["median_s"].items()})
+        print(kind, "median wall s", {n: round(t, 3) for n, t in results[kind]["median_wall_s"].items()})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")

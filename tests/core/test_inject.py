@@ -266,3 +266,15 @@ def test_unload_keeps_conv1d_and_mark_trainable():
     assert count_parameters(gpt2)[0] == 8 * (32 + 96)
     unload(gpt2, merge=True)
     assert type(gpt2.h[0].attn.c_attn) is Conv1D
+
+
+def test_bad_config_leaves_model_untouched():
+    model = tiny_bert()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="modules_to_save entry 'clasifier'"):
+        inject_adapter(model, LoraConfig(target_modules=["query"], modules_to_save=["clasifier"]))
+    with pytest.raises(ValueError, match="not divisible"):
+        inject_adapter(model, LoraConfig(target_modules=["key"], fused_qkv={"query": [True, False, True, False, True]}))
+    with pytest.raises(ValueError, match="no '.'"):
+        inject_adapter(model, LoraConfig(target_modules=["query"]), "v1.0")
+    assert {n: type(m) for n, m in model.named_modules()} == before and not hasattr(model, "lora_configs")

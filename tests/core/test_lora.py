@@ -308,3 +308,21 @@ def test_keep_mask_rate_and_resolution():
     for lane in range(4):
         assert abs((1 - keep.flatten()[lane::4].mean().item()) - p_used) < 5 * sd
     assert keep_mask(x, 0.25)[1] == 0.25
+
+
+def test_over_real_linear4bit():
+    from loralab.core.inject import count_parameters
+    from loralab.core.linear4bit import Linear4bit, merge_to_full_precision
+
+    q = Linear4bit.from_linear(nn.Linear(64, 32))
+    layer = LoraLinear(q)
+    layer.update_layer("q", 4, 8)
+    _randomize(layer, "q")
+    x = torch.randn(3, 64)
+    A, B = layer.lora_A["q"].weight.double(), layer.lora_B["q"].weight.double()
+    ref = x.double() @ q.dequantize(torch.float32).double().T + q.bias.double() + 2 * x.double() @ A.T @ B.T
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="merge_to_full_precision"):
+        layer.merge()
+    assert count_parameters(layer) == (4 * (64 + 32), 64 * 32 + 32 + 4 * (64 + 32))
+    torch.testing.assert_close(merge_to_full_precision(layer)(x).double(), ref, rtol=1e-5, atol=1e-5)

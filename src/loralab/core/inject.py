@@ -193,14 +193,33 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter ``adapter_name`` to ``model`` in place; it becomes the only active, trainable adapter."""
+    if not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.' (it is part of parameter names)")
     configs = getattr(model, "lora_configs", None) or {}
     if adapter_name in configs:
         raise ValueError(f"model already has an adapter named {adapter_name!r}; delete_adapter it or pick another name")
     if config.target_modules is None and not config.fused_qkv:
         raise ValueError("LoraConfig.target_modules is None: name the layers to adapt, e.g. ['query', 'value']")
+    # Plan and check everything first, so that a bad config leaves the model untouched.
+    plan = []
     for name, module in _find_targets(model, config):
-        layer = module if isinstance(module, LoraLayer) else _wrap(module)
         enable = next((v for k, v in config.fused_qkv.items() if _suffix_match(name, k)), None)
+        if enable is not None:
+            if not isinstance(module, LoraLinear) and not _is_linear_like(module):
+                raise ValueError(f"fused_qkv target {name!r} is a {type(module).__name__}, not a linear layer")
+            conv1d = not isinstance(module, LoraLinear) and base_kind(module) == "conv1d"
+            out = module.weight.shape[1] if conv1d else module.out_features
+            if out % len(enable):
+                raise ValueError(f"fused_qkv[{name!r}]: out_features {out} is not divisible into {len(enable)} slices")
+        plan.append((name, module, enable))
+    saved = []
+    for key in config.modules_to_save or []:
+        found = [(n, m) for n, m in _leaf_modules(model) if n and _suffix_match(n, key)]
+        if not found:
+            raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(model).__name__}")
+        saved += found
+    for name, module, enable in plan:
+        layer = module if isinstance(module, LoraLayer) else _wrap(module)
         layer.update_layer(
             adapter_name,
             r=_first_match(name, config.rank_pattern, config.r),
@@ -212,15 +231,11 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         )
         if layer is not module:
             _set_submodule(model, name, layer)
-    for key in config.modules_to_save or []:
-        found = [(n, m) for n, m in _leaf_modules(model) if n and _suffix_match(n, key)]
-        if not found:
-            raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(model).__name__}")
-        for name, module in found:
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
-            wrapper.add(adapter_name)
-            if wrapper is not module:
-                _set_submodule(model, name, wrapper)
+    for name, module in saved:
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+        wrapper.add(adapter_name)
+        if wrapper is not module:
+            _set_submodule(model, name, wrapper)
     configs[adapter_name] = config
     model.lora_configs = configs
     set_adapter(model, adapter_name)
@@ -278,7 +293,7 @@ def mark_trainable(model: nn.Module, adapter_name: str | list[str]) -> None:
                 wrapper.modules_to_save[name].requires_grad_(True)
         if bias == "all":
             for pname, p in model.named_parameters():
-                if pname.split(".")[-1] == "bias":
+                if pname.split(".")[-1] == "bias" and ".original_module." not in f".{pname}":
                     p.requires_grad_(True)
 
 
@@ -350,10 +365,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total). A quantized base counts as in_features x out_features weights, not its packed bytes."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    for m in model.modules():
+    for m in model.modules():  # packed 4-bit weights (a buffer or a uint8 parameter) count as in x out
         w = getattr(m, "weight", None)
-        if not isinstance(m, LoraLayer) and hasattr(m, "dequantize") and isinstance(w, nn.Parameter):
-            total += m.in_features * m.out_features - w.numel()
+        if not isinstance(m, (LoraLayer, ModulesToSaveWrapper)) and hasattr(m, "dequantize") and w is not None:
+            total += m.in_features * m.out_features - (w.numel() if isinstance(w, nn.Parameter) else 0)
     return trainable, total
 
 

@@ -238,9 +238,10 @@ class LoraLinear(LoraLayer):
     def _add_to_base_weight(self, delta: torch.Tensor, sign: float) -> None:
         if self.kind == "quantized":
             raise NotImplementedError(
-                f"cannot merge a LoRA update into a quantized base ({type(self.base_layer).__name__}): adding to "
-                "4-bit codes would requantize and lose the update. Export a merged model instead: dequantize the "
-                "base (loralab's QLoRA merge-export path) and merge into the full-precision weights."
+                f"cannot merge a LoRA update into a quantized base ({type(self.base_layer).__name__}) in place: adding "
+                "to 4-bit codes would requantize and lose most of the update. Keep the adapter unmerged, or export "
+                "with loralab.core.linear4bit.merge_to_full_precision(layer) (dequantize + merge in fp32; "
+                "merge_and_requantize if the result must stay 4-bit)."
             )
         super()._add_to_base_weight(delta, sign)
 
