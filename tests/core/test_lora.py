@@ -326,3 +326,20 @@ def test_over_real_linear4bit():
         layer.merge()
     assert count_parameters(layer) == (4 * (64 + 32), 64 * 32 + 32 + 4 * (64 + 32))
     torch.testing.assert_close(merge_to_full_precision(layer)(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_bf16_uses_autograd_path_and_stays_close():
+    base = nn.Linear(16, 8)
+    base.requires_grad_(False)
+    layer = LoraLinear(base)
+    layer.update_layer("a", 4, 8)
+    _randomize(layer, "a")
+    x = torch.randn(5, 16, requires_grad=True)
+    A, B = layer.lora_A["a"].weight.double(), layer.lora_B["a"].weight.double()
+    ref = x.double() @ base.weight.double().T + base.bias.double() + 2 * x.double() @ A.T @ B.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._fast_path_ok(x, (), {})
+        out = layer(x)
+    out.float().sum().backward()
+    assert layer.lora_A["a"].weight.grad is not None and x.grad is not None
+    torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=6e-2)

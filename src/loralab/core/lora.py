@@ -19,6 +19,12 @@ concatenated like loralib's MergedLinear (k = number of enabled slices)::
 
 The forward works on activations: h = A_cat x (one matmul), then slice i of the output gets
 ``scaling * B_i h_i``; the dense (3d x in) update is only built by ``merge``.
+
+Speed: with one active adapter over a frozen nn.Linear / Conv1D (the training case) the base matmul and
+the LoRA branch run as one autograd node (``_BasePlusLora``): the update is accumulated in place into the
+base output and the two gradients w.r.t. x into one buffer, and the dropout mask is drawn 16 bits per
+element (``keep_mask``: p honoured to 2^-16). Every other case (several adapters, 4-bit or unknown
+bases, mixed dtypes, autocast, hooks) uses plain autograd; both give the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -180,7 +186,7 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         # The fused base+LoRA autograd function recomputes the base itself: only for the two bases whose
         # forward is one known addmm; every other base goes through its own forward (generic path).
-        self._inplace_ok = type(base_layer) is nn.Linear or self.kind == "conv1d"
+        self._known_addmm_base = type(base_layer) is nn.Linear or self.kind == "conv1d"
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -265,9 +271,10 @@ class LoraLinear(LoraLayer):
         """One adapter over a frozen nn.Linear/Conv1D without hooks, all in one dtype: use _BasePlusLora."""
         base = self.base_layer
         return (
-            self._inplace_ok and len(self._branch) == 1 and not args and not kwargs
+            self._known_addmm_base and len(self._branch) == 1 and not args and not kwargs
             and not base._forward_hooks and not base._forward_pre_hooks and not base.weight.requires_grad
             and x.dtype == base.weight.dtype == self.lora_A[self._branch[0]].weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)  # autocast would mix dtypes inside the in-place adds
         )
 
     def _slice_plan(self, name: str) -> tuple | None:

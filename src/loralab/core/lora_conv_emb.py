@@ -31,7 +31,7 @@ class LoraConv2d(LoraLayer):
                 "no single low-rank update); exclude this layer from target_modules"
             )
         super().__init__(base_layer)
-        self._inplace_ok = type(base_layer) is nn.Conv2d
+        self._known_addmm_base = type(base_layer) is nn.Conv2d
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -68,7 +68,7 @@ class LoraConv2d(LoraLayer):
         y = self.base_layer(x)
         if not self._branch:
             return y
-        if not self._inplace_ok:
+        if not self._known_addmm_base:
             y = y.clone()
         for name in self._branch:
             A, B = self.lora_A[name], self.lora_B[name]
@@ -84,7 +84,7 @@ class LoraEmbedding(LoraLayer):
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"LoraEmbedding wraps nn.Embedding, got {type(base_layer).__name__}")
         super().__init__(base_layer)
-        self._inplace_ok = type(base_layer) is nn.Embedding
+        self._known_addmm_base = type(base_layer) is nn.Embedding
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
@@ -122,7 +122,7 @@ class LoraEmbedding(LoraLayer):
         y = self.base_layer(x)
         if not self._branch:
             return y
-        if not self._inplace_ok:
+        if not self._known_addmm_base:
             y = y.clone()
         for name in self._branch:
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
