@@ -120,3 +120,24 @@ def test_loralab_linear4bit_under_lora(double_quant):
     assert report.format_bytes("frozen base", QUANT_STATE) == absmax + 16 * FP32
     assert report.format_bytes("frozen base", "fp32") == 128 * FP32  # frozen bias, full precision
     assert report.role_bytes("trainable") == (4 * 64 + 128 * 4) * FP32
+
+
+def test_streamed_4bit_model_with_tied_embeddings_counts_embedding_once(tmp_path):
+    """bf16 checkpoint streamed into an fp32 meta model: the tied lm_head must stay the embedding
+    (one fp32 copy), not become a second converted copy."""
+    transformers = pytest.importorskip("transformers")
+    linear4bit = pytest.importorskip("loralab.core.linear4bit")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = linear4bit.load_model_4bit(
+        tmp_path, lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    model.requires_grad_(False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    report = memory_report(model)
+    # fp32: embedding (tied head) + 2 decoder norms + final norm + rotary inv_freq, original_inv_freq
+    # (head_dim 16 -> 8 frequencies each)
+    assert report.format_bytes("frozen base", "fp32") == (256 * 64 + 3 * 64 + 2 * 8) * FP32
+    linears = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128  # q, o, k, v, gate, up, down
+    assert report.format_bytes("frozen base", PACKED_4BIT) == linears // 2

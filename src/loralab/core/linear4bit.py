@@ -240,10 +240,20 @@ def _checkpoint_getters(source) -> dict:
         raise FileNotFoundError(f"no .safetensors files in {path}")
     getters = {}
     for file in files:
-        handle = safe_open(str(file), framework="pt")
-        for key in handle.keys():
-            getters[key] = (lambda h=handle, k=key: h.get_tensor(k))
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+        for key in keys:
+            getters[key] = (lambda f=str(file), k=key: _read_tensor(f, k))
     return getters
+
+
+def _read_tensor(file: str, key: str) -> torch.Tensor:
+    """Open, read one tensor, close. A handle kept open keeps the file mapped, and every page read
+    through it stays in the process's resident set until the end of the load (the whole checkpoint)."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as handle:
+        return handle.get_tensor(key)
 
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor) -> None:
@@ -316,9 +326,13 @@ def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: Q.
             packed, state = Q.quantize_4bit(get().to(dtype), quant_type, block_size, double_quant, name=key)
             install(mod_name, packed, state)
         elif key in owners:
-            value = get()
+            value, first = get(), None
             for module, name in owners[key]:
-                _set_tensor(module, name, value)
+                if first is None:
+                    _set_tensor(module, name, value)
+                    first = getattr(module, name)
+                else:  # tied names share the one converted tensor (per-name casts would untie and copy it)
+                    (module._parameters if name in module._parameters else module._buffers)[name] = first
         else:
             unexpected.append(key)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
