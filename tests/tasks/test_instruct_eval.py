@@ -183,3 +183,35 @@ def test_gsm8k_exact_match_scoring(monkeypatch):
     out = E.gsm8k_exact_match(None, None, problems)
     assert out["exact_match"] == pytest.approx(2 / 3) and out["n"] == 3
     assert [r["prediction"] for r in out["records"]] == ["18", "1000", "8"]
+
+
+# ----------------------------------------------------------------------------- build -> fit -> report
+
+def test_build_fit_report_end_to_end(tmp_path, monkeypatch):
+    """A tiny Llama saved as a local model dir, GSM8K data, the engine's fit, then report: the guard
+    passes, fine-tuned held-out loss beats the base on training data, files are written."""
+    from loralab.engine.config import load_config
+    from loralab.engine.trainer import fit
+
+    tok = tiny_tokenizer()
+    model_dir = tmp_path / "tiny-llama"
+    _tiny_llama(len(tok), seed=2).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    monkeypatch.delenv("LORALAB_JUDGE_URL", raising=False)
+    cfg = load_config(None, [f"model.name={model_dir}", "data.train_samples=8", "data.eval_samples=3",
+                             "data.max_length=1024", "train.max_steps=3", "train.batch_size=4", "train.lr=5e-3",
+                             "train.quiet=true", "generate.max_new_tokens=4", "lora.r=4"],
+                      preset="instruct-cpu")
+    model, task, tokenizer = I.build(cfg)
+    assert len(task.train_dataset) == 8 and all(len(ex["input_ids"]) <= 1024 for ex in task.train_dataset)
+    with pytest.raises(E.AdapterNotPresentError):  # before training: B = 0
+        E.assert_adapter_present(model, task.collate(task.train_dataset[:2]))
+    result = fit(model, task, cfg.train, run_dir=tmp_path / "run")
+    out = I.report(cfg, model, tokenizer, tmp_path / "run", result)
+    assert out["adapter_check"]["max_logit_change"] > 0
+    assert out["heldout"]["finetuned_loss"] != out["heldout"]["base_loss"]
+    assert out["gsm8k"]["finetuned"]["n"] == 3 and out["gsm8k"]["base"]["n"] == 3
+    assert [r["prompt"] for r in out["generations"]] == E.STUDY_PROMPTS
+    assert out["judge"] == {"skipped": "LORALAB_JUDGE_URL not set"}
+    for name in ("instruct_result.json", "generations.md", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / "run" / name).exists(), name

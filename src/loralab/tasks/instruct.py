@@ -41,6 +41,7 @@ from the previous example's last token).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -210,7 +211,8 @@ def to_conversations(records: Sequence[dict], format: str = "auto", system_promp
 
 
 def read_records(source: str | Path, split: str = "train") -> list[dict]:
-    """Local .json (a list, or one object per line) / .jsonl / .csv by extension; else a Hub dataset id."""
+    """Local .json (a list, or one object per line) / .jsonl / .csv by extension; else a Hub dataset id,
+    optionally with its split after a colon ("OpenAssistant/oasst1:validation")."""
     path = Path(source)
     suffix = path.suffix.lower()
     if path.exists():
@@ -224,12 +226,13 @@ def read_records(source: str | Path, split: str = "train") -> list[dict]:
         raise ValueError(f"{path}: unsupported extension {suffix!r}; use .json, .jsonl or .csv")
     if suffix in (".json", ".jsonl", ".csv"):
         raise FileNotFoundError(f"dataset file {path} does not exist")
+    name, _, hub_split = str(source).partition(":")
     try:
         import datasets  # lazy: optional, needs network
     except ImportError as e:
         raise ImportError(f"{source!r} is not a local file, and loading it from the Hub needs the "
                           "'datasets' package (pip install datasets) and network access") from e
-    return [dict(r) for r in datasets.load_dataset(str(source), split=split)]
+    return [dict(r) for r in datasets.load_dataset(name, split=hub_split or split)]
 
 
 # ----------------------------------------------------------------------------- GSM8K
@@ -273,8 +276,12 @@ def render_ids(tokenizer: Any, turns: Conversation, template: str, add_generatio
 
 
 def end_of_turn_ids(tokenizer: Any) -> set[int]:
-    vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    backend = getattr(tokenizer, "_tokenizer", None)  # fast tokenizers: O(1) lookups, not a vocab copy
+    if backend is not None and hasattr(backend, "token_to_id"):
+        ids = {i for i in map(backend.token_to_id, END_OF_TURN_TOKENS) if i is not None}
+    else:
+        vocab = tokenizer.get_vocab()
+        ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
@@ -428,3 +435,266 @@ def make_task(train: list[dict], heldout: list[dict], pad_id: int, eval_batch_si
                     metric="eval_loss" if heldout else None, greater_is_better=False,
                     tokens=lambda batch: int(batch["attention_mask"].sum()))
     return spec
+
+
+# ----------------------------------------------------------------------------- experiment: build / report
+# data.task: "gsm8k" (the shipped problems, hash split) or a format name ("auto", "alpaca", ...,
+# "oasst" = every leaf path, "oasst_best" = best-ranked path, the Guanaco recipe) read from
+# data.train_file (a local file or a Hub id); the held-out set is data.eval_file, else the
+# records whose sha256 bucket is < 50 per mille (5%), chosen exactly as for GSM8K.
+
+RESULT_FILE = "instruct_result.json"
+GENERIC_HELDOUT_PER_MILLE = 50
+
+
+def _log(msg: str) -> None:
+    print(f"[instruct] {msg}", flush=True)
+
+
+def _data_path(cfg: Any, name: str | None) -> str | None:
+    if name is None or cfg.data.data_dir is None or Path(name).is_absolute():
+        return name
+    candidate = Path(cfg.data.data_dir) / name
+    return str(candidate) if candidate.exists() else name
+
+
+def load_split_records(cfg: Any) -> tuple[list[dict], list[dict], str, str]:
+    """(train records, held-out records, format, oasst mode), subsampled per data.train/eval_samples."""
+    task = cfg.data.task
+    if task == "gsm8k":
+        path = _data_path(cfg, cfg.data.train_file)
+        train, held, fmt, mode = gsm8k_records("train", path), gsm8k_records("heldout", path), "question_answer", "leaves"
+    else:
+        fmt, mode = ("oasst", "best") if task == "oasst_best" else (task, "leaves")
+        if fmt != "auto" and fmt not in FORMATS:
+            raise ValueError(f"data.task={task!r}: expected 'gsm8k', 'auto', 'oasst_best' or a format {FORMATS}")
+        if not cfg.data.train_file:
+            raise ValueError(f"data.task={task!r} reads data.train_file (a .json/.jsonl/.csv file or a Hub id); set it")
+        records = read_records(_data_path(cfg, cfg.data.train_file))
+        if cfg.data.eval_file:
+            train, held = records, read_records(_data_path(cfg, cfg.data.eval_file))
+        elif fmt == "oasst":  # split whole trees (by root id), never messages of one tree
+            raise ValueError("OASST trees need an explicit data.eval_file (e.g. the validation split)")
+        else:
+            key = lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False)  # noqa: E731
+            held = [r for r in records if gsm8k_split(key(r), GENERIC_HELDOUT_PER_MILLE) == "heldout"]
+            train = [r for r in records if gsm8k_split(key(r), GENERIC_HELDOUT_PER_MILLE) == "train"]
+    if cfg.data.train_samples and fmt != "oasst":
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.data.seed)).tolist()
+        train = [train[i] for i in order[: cfg.data.train_samples]]
+    if cfg.data.eval_samples and fmt != "oasst":
+        held = held[: cfg.data.eval_samples]
+    return train, held, fmt, mode
+
+
+def load_model_and_tokenizer(cfg: Any) -> tuple[nn.Module, Any]:
+    from loralab.models.zoo import load_model, load_tokenizer
+
+    quant = {} if cfg.model.quantize == "none" else {
+        "quantize": cfg.model.quantize, "double_quant": cfg.model.double_quant,
+        "compute_dtype": getattr(torch, cfg.model.compute_dtype)}
+    model = load_model(cfg.model.name, kind="causal_lm", dtype=getattr(torch, cfg.model.dtype),
+                       trust_remote_code=cfg.model.trust_remote_code, **quant)
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.gradient_checkpointing:
+        # non-reentrant: gradients reach the LoRA weights although the embeddings' output needs no grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def examples_for(cfg: Any, tokenizer: Any, convs: list[Conversation], pack: bool) -> list[dict]:
+    examples = tokenize_all(tokenizer, convs, max_length=cfg.data.max_length, train_on=cfg.data.loss_on)
+    if len(examples) < len(convs):
+        _log(f"dropped {len(convs) - len(examples)} of {len(convs)} conversations with no trained token "
+             f"left after truncation to {cfg.data.max_length}")
+    return pack_examples(examples, cfg.data.max_length) if pack else examples
+
+
+def apply_lora(model: nn.Module, cfg: Any) -> None:
+    method = cfg.lora.method
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method == "bitfit":
+        biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        if not biases:
+            raise ValueError(f"lora.method=bitfit: {cfg.model.name} has no bias parameters to train")
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith("bias"))
+    elif cfg.lora.init_from:
+        from loralab.core.adapter_io import load_adapter
+
+        load_adapter(model, cfg.lora.init_from, adapter_name="default", trainable=True)
+    else:
+        from loralab.core.inject import inject_adapter
+
+        inject_adapter(model, cfg.lora.to_lora_config(task_type="CAUSAL_LM",
+                                                      base_model_name_or_path=cfg.model.name))
+    from loralab.core.inject import trainable_report
+
+    _log(f"{method}: {trainable_report(model)}")
+
+
+def build(cfg: Any) -> tuple[nn.Module, TaskSpec, Any]:
+    """The causal LM (4-bit when model.quantize is set) with LoRA, the TaskSpec, the tokenizer."""
+    train_recs, held_recs, fmt, mode = load_split_records(cfg)  # data errors before the model loads
+    system = cfg.data.system_prompt
+    train_c = to_conversations(train_recs, fmt, system, mode)
+    held_c = to_conversations(held_recs, fmt, system, mode)
+    torch.manual_seed(cfg.train.seed)  # LoRA A init
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    apply_lora(model, cfg)
+    train = examples_for(cfg, tokenizer, train_c, cfg.data.packing)
+    held = examples_for(cfg, tokenizer, held_c, False)
+    if not train:
+        raise ValueError(f"no training examples for data.task={cfg.data.task!r}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    _log(f"{cfg.data.task}: {len(train)} train rows{' (packed)' if cfg.data.packing else ''}, "
+         f"{len(held)} held-out examples, loss on {cfg.data.loss_on} tokens, max_length {cfg.data.max_length}")
+    return model, make_task(train, held, pad_id, eval_batch_size=max(8, cfg.train.batch_size)), tokenizer
+
+
+def report(cfg: Any, model: nn.Module, tokenizer: Any, run_dir: str | Path | None, fit_result: Any) -> dict:
+    """Guard, then held-out loss/ppl (base vs fine-tuned), GSM8K exact match, side-by-side
+    generations (and LLM-judge scores when LORALAB_JUDGE_* is set); written to the run dir."""
+    from loralab.tasks import instruct_eval as ev
+
+    _, held_recs, fmt, mode = load_split_records(cfg)
+    held = examples_for(cfg, tokenizer, to_conversations(held_recs, fmt, cfg.data.system_prompt, mode), False)
+    collate = make_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    base_only = cfg.lora.method == "lora" and fit_result is None and not cfg.lora.init_from
+    result: dict[str, Any] = {"experiment": "instruct", "task": cfg.data.task, "model": cfg.model.name,
+                              "quantize": cfg.model.quantize, "method": cfg.lora.method, "base_only": base_only,
+                              "fit": fit_result.to_dict() if hasattr(fit_result, "to_dict") else fit_result}
+    gen_kw = {"max_new_tokens": cfg.generate.max_new_tokens, "batch_size": cfg.generate.batch_size,
+              "system_prompt": cfg.data.system_prompt}
+    if cfg.lora.method == "lora" and not base_only:
+        result["adapter_check"] = ev.assert_adapter_present(model, collate(held[:4]))
+        result["heldout"] = ev.compare_heldout_loss(model, held, collate, max(8, cfg.train.batch_size))
+        result["generations"] = ev.side_by_side(model, tokenizer, ev.STUDY_PROMPTS, **gen_kw)
+    else:
+        from loralab.core.inject import disable_adapters, lora_modules
+
+        scope = disable_adapters(model) if list(lora_modules(model)) else contextlib.nullcontext()
+        with scope:  # base_only: the zero adapter is off; full / bitfit: the model itself
+            result["heldout"] = heldout_loss(model, held, collate, max(8, cfg.train.batch_size))
+            result["generations"] = [{"prompt": p, "output": o} for p, o in
+                                     zip(ev.STUDY_PROMPTS, ev.generate(model, tokenizer, ev.STUDY_PROMPTS, **gen_kw))]
+    if cfg.data.task == "gsm8k":
+        problems = held_recs
+        result["gsm8k"] = {"finetuned": ev.gsm8k_exact_match(model, tokenizer, problems, **gen_kw)}
+        if cfg.lora.method == "lora" and not base_only:
+            from loralab.core.inject import disable_adapters
+
+            with disable_adapters(model):
+                result["gsm8k"]["base"] = ev.gsm8k_exact_match(model, tokenizer, problems, **gen_kw)
+    result["judge"] = _judge(result["generations"])
+    if run_dir is not None:
+        _write(result, model, cfg, Path(run_dir), base_only)
+    _log(_summary(result))
+    return result
+
+
+def _judge(rows: list[dict]) -> dict:
+    import os
+
+    from loralab.tasks.judge import JudgeError, judge_scores
+
+    if not os.environ.get("LORALAB_JUDGE_URL"):
+        return {"skipped": "LORALAB_JUDGE_URL not set"}
+    try:
+        return {"scores": [{"prompt": r["prompt"], **dict(zip(("base", "finetuned"),
+                                                              judge_scores(r["prompt"], [r["base"], r["finetuned"]])))}
+                           if "base" in r else {"prompt": r["prompt"], "output": judge_scores(r["prompt"], [r["output"]])[0]}
+                           for r in rows]}
+    except JudgeError as e:  # the judge is optional: its failure must not lose the trained run
+        return {"error": str(e)}
+
+
+def _summary(result: dict) -> str:
+    h = result["heldout"]
+    parts = [f"held-out loss {h.get('finetuned_loss', h.get('eval_loss')):.4f}"]
+    if "base_loss" in h:
+        parts.append(f"(base {h['base_loss']:.4f}; ppl {h['finetuned_ppl']:.2f} vs {h['base_ppl']:.2f})")
+    if "gsm8k" in result:
+        g = result["gsm8k"]
+        parts.append(f"GSM8K EM {g['finetuned']['exact_match']:.3f} on {g['finetuned']['n']}"
+                     + (f" (base {g['base']['exact_match']:.3f})" if "base" in g else ""))
+    return ", ".join(parts)
+
+
+def _write(result: dict, model: nn.Module, cfg: Any, run_dir: Path, base_only: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result["run_dir"] = str(run_dir)
+    if cfg.lora.method == "lora" and not base_only:
+        from loralab.core.adapter_io import save_adapter
+
+        save_adapter(model, run_dir / "adapter", adapter_name="default")
+        result["adapter_dir"] = str(run_dir / "adapter")
+    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
+    lines = ["# Generations (greedy)", ""]
+    for row in result["generations"]:
+        lines += [f"## {row['prompt']}", ""]
+        for key in ("base", "finetuned", "output"):
+            if key in row:
+                lines += [f"**{key}:**", "", row[key] or "(empty)", ""]
+    (run_dir / "generations.md").write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- presets
+
+QLORA_PAPER = {
+    # Dettmers et al. 2023: NF4 + double quantization, bf16 compute, LoRA on every linear layer but the
+    # head, r=64, alpha=16, dropout 0.1 (<= 13B; 0.05 for 33B/65B), lr 2e-4 (1e-4 for 33B/65B), constant
+    # schedule after 3% warmup, grad-norm clip 0.3, paged AdamW, batch 16, gradient checkpointing,
+    # length-grouped batches, loss on the response only. Frozen non-quantized parts (embeddings,
+    # norms, head) stay float32 here; the LoRA matmuls run under bf16 autocast (train.bf16).
+    "experiment": "instruct", "name": "qlora-gsm8k", "model.name": "smollm2-135m",
+    "model.quantize": "nf4", "model.double_quant": True, "model.compute_dtype": "bfloat16",
+    "model.gradient_checkpointing": True,
+    "lora.r": 64, "lora.alpha": 16.0, "lora.dropout": 0.1, "lora.target_modules": "all-linear",
+    "lora.exclude_modules": ["lm_head"],
+    "train.lr": 2e-4, "train.schedule": "constant", "train.warmup_ratio": 0.03, "train.max_grad_norm": 0.3,
+    "train.optimizer": "paged_adamw", "train.batch_size": 16, "train.weight_decay": 0.0,
+    "train.betas": [0.9, 0.999], "train.epochs": 3.0, "train.bf16": True, "train.length_grouped": True,
+    "train.eval_every": 50, "data.task": "gsm8k", "data.max_length": 512, "data.loss_on": "assistant",
+    "generate.num_beams": 1, "generate.no_repeat_ngram_size": 0, "generate.max_new_tokens": 256,
+    "generate.batch_size": 32,
+}
+QLORA_LARGE = {**QLORA_PAPER, "name": "qlora-large-gsm8k", "lora.dropout": 0.05, "train.lr": 1e-4}
+QLORA_GUANACO = {  # the paper's Guanaco run: OASST1, best-ranked paths, 1875 steps of 16 (needs network)
+    **QLORA_PAPER, "name": "qlora-guanaco", "data.task": "oasst_best",
+    "data.train_file": "OpenAssistant/oasst1:train", "data.eval_file": "OpenAssistant/oasst1:validation",
+    "train.max_steps": 1875, "train.eval_every": 200,
+}
+INSTRUCT_CPU = {
+    # SmolLM2-135M-Instruct on GSM8K, fp32 on CPU. Measured on this 2-core box (shared, load ~8):
+    # one step of 4 x 128 tokens costs ~20 CPU-s and 4 x 256 ~40 CPU-s, i.e. ~10 s / ~20 s wall on 2 free
+    # cores. 24 steps of 4 x <=192 tokens is therefore ~4-6 minutes of training; the evaluation
+    # (held-out loss, 16 GSM8K problems and 4 prompts decoded for base and fine-tuned) adds ~2 minutes.
+    "experiment": "instruct", "name": "instruct-cpu-gsm8k", "model.name": "smollm2-135m",
+    "model.quantize": "none", "model.compute_dtype": "float32",
+    "lora.r": 16, "lora.alpha": 32.0, "lora.dropout": 0.05, "lora.target_modules": "all-linear",
+    "lora.exclude_modules": ["lm_head"],
+    "train.lr": 1e-3, "train.schedule": "constant", "train.warmup_ratio": 0.03, "train.max_grad_norm": 0.3,
+    "train.optimizer": "adamw", "train.batch_size": 4, "train.max_steps": 24, "train.eval_every": 0,
+    "train.length_grouped": False, "train.log_every": 4,
+    "data.task": "gsm8k", "data.max_length": 192, "data.eval_samples": 16, "data.loss_on": "assistant",
+    "generate.num_beams": 1, "generate.no_repeat_ngram_size": 0, "generate.max_new_tokens": 128,
+    "generate.batch_size": 8,
+}
+INSTRUCT_CPU_NF4 = {  # the same run as QLoRA on CPU: NF4 + double quant base, float32 compute
+    **INSTRUCT_CPU, "name": "instruct-cpu-nf4-gsm8k", "model.quantize": "nf4", "model.double_quant": True,
+}
+
+
+def _register_presets() -> None:
+    from loralab.engine.config import register_preset
+
+    for name, overrides in (("qlora", QLORA_PAPER), ("qlora-large", QLORA_LARGE), ("qlora-guanaco", QLORA_GUANACO),
+                            ("instruct-cpu", INSTRUCT_CPU), ("instruct-cpu-nf4", INSTRUCT_CPU_NF4)):
+        register_preset(name, overrides)
+
+
+_register_presets()
