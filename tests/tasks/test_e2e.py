@@ -255,7 +255,7 @@ def test_build_fit_report_end_to_end(tmp_path, monkeypatch):
     data.write_text("mr,ref\nname[A],A is nice.\nname[B],B is a pub.\nname[A],A is good.\n", encoding="utf-8")
     cfg = load_config(preset="e2e-cpu", overrides=[
         f"data.train_file={data}", f"data.eval_file={data}", "data.train_samples=0", "data.eval_samples=0",
-        "train.max_steps=2", "train.batch_size=2", "train.quiet=true", "generate.num_beams=2",
+        "train.max_steps=2", "train.warmup_steps=1", "train.batch_size=2", "train.quiet=true", "generate.num_beams=2",
         "generate.max_new_tokens=4"])
     monkeypatch.setattr(e2e, "load_model_and_tokenizer",
                         lambda cfg: (tiny_model("llama", "causal_lm"), tiny_tokenizer("llama")))

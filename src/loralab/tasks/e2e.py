@@ -26,7 +26,7 @@ from torch import nn
 
 from loralab.engine.task import TaskSpec
 from loralab.tasks import e2e_presets as _presets  # noqa: F401  (registers e2e-paper, e2e-cpu, ...)
-from loralab.tasks.e2e_data import (DEFAULT_DATA_DIR, TRAIN_FILE, completion_loss, data_files, encode_rows,
+from loralab.tasks.e2e_data import (TRAIN_FILE, completion_loss, data_files, encode_rows,
                                     eos_id, eval_groups, load_rows, make_collate, mean_completion_loss, subsample)
 from loralab.tasks.e2e_generate import generate_outputs, results_table, write_official, write_references
 
@@ -121,10 +121,10 @@ def make_task_spec(tokenizer: Any, train_rows: list, eval_rows: list, max_length
     return spec
 
 
-def load_data(cfg: Any) -> tuple[list, list[str], list[list[str]], list]:
+def load_data(cfg: Any, announce: bool = False) -> tuple[list, list[str], list[list[str]], list]:
     """(train rows, eval MRs, their reference groups, the eval rows of those MRs)."""
     train_path, eval_path = data_files(cfg)
-    if train_path.resolve() == (DEFAULT_DATA_DIR / TRAIN_FILE).resolve() or train_path.name == TRAIN_FILE:
+    if announce and train_path.name == TRAIN_FILE:
         _log(f"training on {train_path.name} (the official 42k-row trainset.csv is not here; the paper trains "
              "on it: pass data.train_file=PATH to use it)")
     train = subsample(load_rows(train_path), cfg.data.train_samples, cfg.data.seed)
@@ -136,7 +136,7 @@ def load_data(cfg: Any) -> tuple[list, list[str], list[list[str]], list]:
 
 def build(cfg: Any) -> tuple[nn.Module, TaskSpec, Any]:
     """Model with LoRA on W_q, W_v (or full / BitFit), the E2E TaskSpec and the tokenizer."""
-    train, mrs, refs, eval_rows = load_data(cfg)  # data errors before minutes of model loading
+    train, mrs, refs, eval_rows = load_data(cfg, announce=True)  # data errors before minutes of model loading
     torch.manual_seed(cfg.train.seed)  # LoRA A init depends on it
     model, tokenizer = load_model_and_tokenizer(cfg)
     if tokenizer.pad_token_id is None:
