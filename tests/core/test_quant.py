@@ -191,3 +191,18 @@ def test_inconsistent_serialized_state_names_the_tensor():
         Q.state_from_bnb_dict({k: v for k, v in good.items() if "quant_state" not in k}, "mlp.up_proj.weight")
     with pytest.raises(ValueError, match="x.weight: packed 4-bit weight has 2047 bytes, expected 2048"):
         Q.check_packed(packed[:-1], state, "x.weight")
+
+
+def test_large_tensor_threaded_path_bit_exact_with_bnb():
+    """>= 2M elements runs the block ranges in parallel worker threads; results must not change."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = _weights((1000, 2112), torch.bfloat16, seed=11)  # 2112 = 33 blocks per row
+        ref_packed, ref = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, state = Q.quantize_4bit(w, "nf4", 64, double_quant=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref.absmax)
+    assert torch.equal(state.nested_absmax, ref.state2.absmax)
+    assert torch.equal(Q.dequantize_4bit(packed, state), F.dequantize_4bit(ref_packed, ref))

@@ -23,6 +23,7 @@ parameter with block 64: 4 + 8/64 + 32/(64*256) = 4.127 bits (vs 4.5 bits with p
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -137,7 +138,28 @@ class QuantState:
         return n
 
 
-_CHUNK = 1 << 17  # elements per step: the temporaries of one step stay in L2 cache
+_CHUNK = 1 << 14  # quantize: elements per step, in cache and below torch's intra-op grain (ops run serially)
+_DEQUANT_CHUNK = 1 << 18  # dequantize: 3 cheap ops per step; larger steps amortize per-op overhead
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _over_block_ranges(n_blocks: int, work) -> None:
+    """Run ``work(first, last)`` over contiguous block ranges, one per torch thread, in Python threads.
+
+    Small per-chunk ops run serially inside each range (torch releases the GIL in kernels), so there is
+    one fork/join per call instead of one per op: on a loaded machine a per-op barrier waits for every
+    descheduled worker, which made chunked intra-op parallelism 10-40x slower.
+    """
+    global _POOL
+    workers = min(torch.get_num_threads(), max(1, n_blocks * 64 // (1 << 20)))  # ~1M elements per worker
+    if workers <= 1:
+        work(0, n_blocks)
+        return
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loralab-quant")
+    edges = [n_blocks * i // workers for i in range(workers + 1)]
+    for future in [_POOL.submit(work, a, b) for a, b in zip(edges[:-1], edges[1:])]:
+        future.result()
 
 
 def _codes_from_scaled(scaled: torch.Tensor, bounds: list[float], order: torch.Tensor | None,
@@ -164,25 +186,29 @@ def _quantize_full_blocks(
     Exact bnb arithmetic: ``s = w * (1 / max(absmax, 1e-38))`` in fp32, then the nearest code.
     No clamp to [-1, 1] is needed: values past the outermost midpoints land in the end buckets anyway.
     """
-    n_blocks = absmax.numel()
     step = max(1, _CHUNK // block_size)
-    codes_buf = torch.empty(step * block_size, dtype=torch.uint8)
-    flags_buf = torch.empty(step * block_size, dtype=torch.bool)
-    for first in range(0, n_blocks, step):
-        last = min(first + step, n_blocks)
-        count = (last - first) * block_size
-        blocks = flat[first * block_size : last * block_size].view(-1, block_size)
-        owned = blocks.dtype != torch.float32
-        if owned:
-            blocks = blocks.float()  # a fresh copy we may overwrite in place
-        lo, hi = torch.aminmax(blocks, dim=1)  # max(-min, max) == max|w| exactly, without a |w| temporary
-        block_max = torch.maximum(hi, lo.neg_())
-        absmax[first:last] = block_max
-        scale = block_max.clamp_(min=1e-38).reciprocal_().unsqueeze(1)
-        scaled = blocks.mul_(scale) if owned else blocks * scale
-        codes = _codes_from_scaled(scaled.view(-1), bounds, order, codes_buf[:count], flags_buf[:count])
-        pairs = codes.view(-1, 2)
-        torch.bitwise_or(pairs[:, 0] << 4, pairs[:, 1], out=packed[first * block_size // 2 : last * block_size // 2])
+
+    def work(begin: int, end: int) -> None:
+        codes_buf = torch.empty(step * block_size, dtype=torch.uint8)
+        flags_buf = torch.empty(step * block_size, dtype=torch.bool)
+        for first in range(begin, end, step):
+            last = min(first + step, end)
+            count = (last - first) * block_size
+            blocks = flat[first * block_size : last * block_size].view(-1, block_size)
+            owned = blocks.dtype != torch.float32
+            if owned:
+                blocks = blocks.float()  # a fresh copy we may overwrite in place
+            lo, hi = torch.aminmax(blocks, dim=1)  # max(-min, max) == max|w| exactly, without a |w| temporary
+            block_max = torch.maximum(hi, lo.neg_())
+            absmax[first:last] = block_max
+            scale = block_max.clamp_(min=1e-38).reciprocal_().unsqueeze(1)
+            scaled = blocks.mul_(scale) if owned else blocks * scale
+            codes = _codes_from_scaled(scaled.view(-1), bounds, order, codes_buf[:count], flags_buf[:count])
+            pairs = codes.view(-1, 2)
+            torch.bitwise_or(pairs[:, 0] << 4, pairs[:, 1],
+                             out=packed[first * block_size // 2 : last * block_size // 2])
+
+    _over_block_ranges(absmax.numel(), work)
 
 
 def quantize_4bit(
@@ -306,7 +332,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     """Packed codes -> tensor of ``state.shape`` in ``dtype`` (default: the original dtype).
 
     ``w_hat = code[q] * absmax_block`` in fp32, rounded once to ``dtype`` (bnb's CPU arithmetic).
-    Works chunk by chunk so the int32 indices and fp32 pairs of a step stay in cache.
+    Works in steps so the int32 indices and fp32 pairs of a step stay in cache.
     """
     dtype = dtype or state.dtype
     n, bs = state.numel, state.block_size
@@ -316,10 +342,10 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     out = torch.empty(n, dtype=dtype)
     full = n - n % bs
     n_blocks = full // bs
-    step = max(1, _CHUNK // bs)
-    index_buf = torch.empty(step * bs // 2, dtype=torch.int32)  # reused: no allocation per chunk
-    pairs_buf = torch.empty(step * bs // 2, dtype=torch.int64)
-    for first in range(0, n_blocks, step):
+    step = max(1, _DEQUANT_CHUNK // bs)
+    index_buf = torch.empty(min(step, n_blocks) * bs // 2, dtype=torch.int32)  # reused across steps
+    pairs_buf = torch.empty(min(step, n_blocks) * bs // 2, dtype=torch.int64)
+    for first in range(0, n_blocks, step):  # ops of a step use torch's own intra-op threads
         last = min(first + step, n_blocks)
         count = (last - first) * bs // 2
         index = index_buf[:count].copy_(data[first * bs // 2 : last * bs // 2])

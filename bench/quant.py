@@ -1,0 +1,109 @@
+"""NF4 quantize / dequantize throughput: loralab.core.quant (eager torch) vs bitsandbytes (CPU backend).
+
+Workload: a 4096 x 4096 weight (fp32 and bf16; ``--quick``: 2048 x 2048), NF4, block 64, double quant
+(QLoRA's setting). Each round times bnb and loralab back to back, alternating which goes first, so
+both see the same load on this shared machine; ratio = median over rounds of bnb_time / loralab_time
+(> 1: loralab faster). Before timing, the outputs are checked bit-identical (packed bytes, absmax,
+nested state, dequantized weight) so the two sides do the same work.
+
+Also reports storage bits per parameter (packed codes + scales, from the real tensor sizes) with and
+without double quantization. Writes bench/results/quant.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from loralab.core import quant as Q
+
+RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _bnb_bits(packed: torch.Tensor, state) -> float:
+    nbytes = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    if state.nested:
+        nbytes += state.state2.absmax.numel() * 4 + 4
+    return 8.0 * nbytes / state.shape.numel()
+
+
+def bench_dtype(dtype: torch.dtype, size: int, rounds: int) -> dict:
+    import bitsandbytes.functional as F
+
+    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ref_packed, ref_state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, state = Q.quantize_4bit(weight, "nf4", 64, double_quant=True)
+    assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
+    assert torch.equal(state.nested_absmax, ref_state.state2.absmax) and torch.equal(state.offset, ref_state.offset)
+    assert torch.equal(Q.dequantize_4bit(packed, state), F.dequantize_4bit(ref_packed, ref_state))
+
+    quant = {"bnb": lambda: F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True),
+             "loralab": lambda: Q.quantize_4bit(weight, "nf4", 64, double_quant=True)}
+    dequant = {"bnb": lambda: F.dequantize_4bit(ref_packed, ref_state),
+               "loralab": lambda: Q.dequantize_4bit(packed, state)}
+    out = {}
+    for op, fns in (("quantize", quant), ("dequantize", dequant)):
+        for fn in fns.values():  # warm-up (allocator, caches)
+            fn()
+        times = {"bnb": [], "loralab": []}
+        for r in range(rounds):
+            order = ("bnb", "loralab") if r % 2 == 0 else ("loralab", "bnb")
+            for name in order:
+                times[name].append(_time(fns[name]))
+        ratios = [b / l for b, l in zip(times["bnb"], times["loralab"])]
+        out[op] = {"bnb_median_s": statistics.median(times["bnb"]),
+                   "loralab_median_s": statistics.median(times["loralab"]),
+                   "median_ratio_bnb_over_loralab": statistics.median(ratios),
+                   "ratios": [round(x, 3) for x in ratios]}
+    out["bits_per_param_dq"] = Q.bits_per_param(packed, state)
+    out["bnb_bits_per_param_dq"] = _bnb_bits(ref_packed, ref_state)
+    plain_packed, plain_state = Q.quantize_4bit(weight, "nf4", 64, double_quant=False)
+    out["bits_per_param"] = Q.bits_per_param(plain_packed, plain_state)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2048x2048, 3 rounds (< 1 minute)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    size = 2048 if args.quick else 4096
+    rounds = args.rounds or (3 if args.quick else 7)
+    results = {dtype_name: bench_dtype(dtype, size, rounds)
+               for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    fp32 = results["float32"]
+    summary = {
+        "bits_per_param": round(fp32["bits_per_param"], 4),
+        "bits_per_param_dq": round(fp32["bits_per_param_dq"], 4),
+        "quantize_speed_vs_bnb": round(fp32["quantize"]["median_ratio_bnb_over_loralab"], 3),
+        "dequantize_speed_vs_bnb": round(fp32["dequantize"]["median_ratio_bnb_over_loralab"], 3),
+        "quantize_speed_vs_bnb_bf16": round(results["bfloat16"]["quantize"]["median_ratio_bnb_over_loralab"], 3),
+        "dequantize_speed_vs_bnb_bf16": round(results["bfloat16"]["dequantize"]["median_ratio_bnb_over_loralab"], 3),
+        "note": "ratio = median over interleaved rounds of bnb_time / loralab_time; > 1 means loralab is faster",
+        "workload": f"{size}x{size} NF4, block 64, double quant; bit-identical outputs checked before timing",
+        "quick": args.quick, "rounds": rounds, "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_at_start": os.getloadavg(),
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "details": results,
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "details"}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
