@@ -270,3 +270,50 @@ def test_gsm8k_split_deterministic_disjoint_and_sized():
     assert convs[0][1]["content"].strip().split("####")[-1].strip() == held[0]["answer"].split("####")[-1].strip()
     with pytest.raises(ValueError, match="train' or 'heldout"):
         I.gsm8k_records("test")
+
+
+def test_hub_source_without_datasets_is_a_clear_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(ImportError, match="needs the 'datasets' package"):
+        I.read_records("OpenAssistant/oasst1:validation")
+
+
+# ----------------------------------------------------------------------------- config: data selection, presets
+
+def test_generic_dataset_split_and_subsampling(tmp_path):
+    from loralab.engine.config import load_config
+
+    recs = [{"instruction": f"task {i}", "input": "", "output": f"answer {i}"} for i in range(400)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(recs))
+    cfg = load_config(None, ["experiment=instruct", "data.task=auto", f"data.train_file={path}"])
+    train, held, fmt, _ = I.load_split_records(cfg)
+    assert fmt == "auto" and len(train) + len(held) == 400 and 5 <= len(held) <= 40
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in held}
+    cfg = load_config(None, ["experiment=instruct", "data.task=alpaca", f"data.train_file={path}",
+                             "data.train_samples=10", "data.eval_samples=3", "data.seed=1"])
+    t1, h1, _, _ = I.load_split_records(cfg)
+    assert len(t1) == 10 and h1 == held[:3] and t1 == I.load_split_records(cfg)[0]  # seeded, repeatable
+    assert {r["instruction"] for r in t1} <= {r["instruction"] for r in train}
+    for bad, msg in ((["data.task=alpaca"], "set it"), (["data.task=yaml", f"data.train_file={path}"], "expected"),
+                     (["data.task=oasst", f"data.train_file={path}"], "eval_file")):
+        with pytest.raises(ValueError, match=msg):
+            I.load_split_records(load_config(None, ["experiment=instruct"] + bad))
+
+
+def test_qlora_preset_is_the_papers_recipe():
+    from loralab.engine.config import load_config
+
+    cfg = load_config(preset="qlora")
+    assert (cfg.experiment, cfg.model.quantize, cfg.model.double_quant, cfg.model.compute_dtype) == (
+        "instruct", "nf4", True, "bfloat16")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (64, 16.0, 0.1, "all-linear")
+    assert (cfg.train.lr, cfg.train.schedule, cfg.train.warmup_ratio, cfg.train.max_grad_norm,
+            cfg.train.optimizer) == (2e-4, "constant", 0.03, 0.3, "paged_adamw")
+    assert cfg.model.gradient_checkpointing and cfg.data.loss_on == "assistant"
+    large = load_config(preset="qlora-large")
+    assert (large.lora.dropout, large.train.lr) == (0.05, 1e-4)
+    cpu = load_config(preset="instruct-cpu")
+    assert (cpu.model.name, cpu.model.quantize, cpu.lora.r, cpu.train.batch_size) == ("smollm2-135m", "none", 16, 4)
+    assert load_config(preset="instruct-cpu-nf4").model.quantize == "nf4"
