@@ -69,10 +69,13 @@ def ptb_tokenize(sentences: list[str]) -> list[str]:
     if proc.returncode != 0:
         raise RuntimeError(f"PTB tokenizer failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
     lines = proc.stdout.decode("utf-8").split("\n")
-    # The tokenizer drops a trailing empty line; pad so an empty last sentence stays empty.
+    # The tokenizer may drop trailing empty lines: pad only those, any other mismatch is an error.
+    trailing_empty = len(sentences) - len(text.rstrip().split("\n")) if text.strip() else len(sentences)
+    extra = lines[len(sentences):]
+    if len(lines) < len(sentences) - trailing_empty or any(line.strip() for line in extra):
+        raise RuntimeError(f"PTB tokenizer returned {len(lines)} lines for {len(sentences)} sentences; "
+                           "the sentence alignment would be lost")
     lines += [""] * (len(sentences) - len(lines))
-    if len(lines) > len(sentences) and any(line.strip() for line in lines[len(sentences) :]):
-        raise RuntimeError(f"PTB tokenizer returned {len(lines)} lines for {len(sentences)} sentences")
     return [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines[: len(sentences)]]
 
 
