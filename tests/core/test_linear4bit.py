@@ -17,7 +17,7 @@ from torch import nn
 from loralab.core import quant as Q
 from loralab.core.linear4bit import (Linear4bit, empty_init, load_model_4bit, load_quantized,
                                      load_quantized_from_safetensors, merge_and_requantize,
-                                     merge_to_full_precision, quantize_model, save_quantized)
+                                     merge_model, merge_to_full_precision, quantize_model, save_quantized)
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -274,3 +274,32 @@ def test_load_errors_name_the_tensor(tmp_path):
         target = _tiny_llama()
     with pytest.raises(ValueError, match="lacks"):
         load_quantized_from_safetensors(target, {k: v for k, v in fp.state_dict().items() if "embed" not in k})
+
+
+def test_streaming_loader_into_torch_meta_device_model(tmp_path):
+    """Built under torch.device("meta"), computed buffers (rotary inv_freq) are rebuilt from the config."""
+    _tiny_llama().save_pretrained(tmp_path / "fp")
+    expected = quantize_model(_tiny_llama(), "nf4", double_quant=True)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "fp")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    load_quantized_from_safetensors(model, tmp_path / "fp", "nf4", double_quant=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(IDS).logits, expected(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_model_over_qlora_llama():
+    from loralab.core.config import LoraConfig
+    from loralab.core.inject import inject_adapter, lora_modules
+
+    model = quantize_model(_tiny_llama(), "nf4", double_quant=True)
+    inject_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+        adapted = model(IDS).logits
+    reports = merge_model(model)
+    assert len(reports) == 4
+    assert sum(type(m) is nn.Linear for m in model.modules()) == 1 + 4  # lm_head + merged q/v
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-4)

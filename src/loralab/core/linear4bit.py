@@ -335,6 +335,7 @@ def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: Q.
                     (module._parameters if name in module._parameters else module._buffers)[name] = first
         else:
             unexpected.append(key)
+    _rebuild_computed_buffers(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"checkpoint {checkpoint if not isinstance(checkpoint, dict) else '(state dict)'} lacks "
@@ -343,6 +344,24 @@ def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: Q.
     if strict and unexpected:
         raise ValueError(f"checkpoint has {len(unexpected)} tensors the model lacks: {unexpected[:10]}")
     return model
+
+
+def _rebuild_computed_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers are computed, never stored (e.g. rotary ``inv_freq``). A model built under
+    ``torch.device("meta")`` has them on meta; a module that was built from a ``config`` attribute is
+    rebuilt on the CPU from that config and its computed buffers are taken over."""
+    for module in model.modules():
+        missing = [b for b in module._non_persistent_buffers_set
+                   if module._buffers.get(b) is not None and module._buffers[b].is_meta]
+        if not missing or not hasattr(module, "config"):
+            continue
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(module.config)
+        except Exception:  # noqa: BLE001 - not rebuildable from its config: reported as missing below
+            continue
+        for b in missing:
+            module._buffers[b] = fresh._buffers[b]
 
 
 def load_quantized(model: nn.Module, source, compute_dtype: torch.dtype = torch.float32,
@@ -441,3 +460,18 @@ def merge_and_requantize(layer: nn.Module, adapter_names: list[str] | None = Non
               "delta_rel_frobenius": float(delta_norm / norm)}
     report["error_exceeds_delta"] = report["rel_frobenius_error"] >= report["delta_rel_frobenius"]
     return requantized, report
+
+
+def merge_model(model: nn.Module, requantize: bool = False) -> dict[str, dict]:
+    """Replace, in place, every LoRA layer over a Linear4bit by its merge: an fp nn.Linear
+    (``merge_to_full_precision``, default) or a new Linear4bit (``merge_and_requantize``).
+    Returns {layer name: error report} (empty reports for the exact full-precision merge)."""
+    reports: dict[str, dict] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(getattr(module, "base_layer", None), Linear4bit) and hasattr(module, "delta_weight"):
+            if requantize:
+                merged, reports[name] = merge_and_requantize(module)
+            else:
+                merged, reports[name] = merge_to_full_precision(module), {}
+            _replace(model, name, merged)
+    return reports
