@@ -278,3 +278,34 @@ def test_bad_config_leaves_model_untouched():
     with pytest.raises(ValueError, match="no '.'"):
         inject_adapter(model, LoraConfig(target_modules=["query"]), "v1.0")
     assert {n: type(m) for n, m in model.named_modules()} == before and not hasattr(model, "lora_configs")
+
+
+def test_conv2d_and_embedding_targets_and_two_active_adapters():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.head = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, ids):
+            return self.head(self.conv(self.emb(ids).unsqueeze(1)).flatten(1))
+
+    base = Net().to(D)
+    model = copy.deepcopy(base)
+    inject_adapter(model, LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "conv"], init_lora_weights=False), "a")
+    inject_adapter(model, LoraConfig(r=3, lora_alpha=3, target_modules=["conv", "head"], init_lora_weights=False), "b")
+    set_adapter(model, ["a", "b"])
+    ids = torch.randint(0, 20, (2, 6))
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, layer in lora_modules(model):
+            for n in layer.r:
+                ref.get_submodule(name).weight += layer.delta_weight(n)  # delta_weight is checked per layer type
+    torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=1e-10)
+    assert {n.split(".")[-1] if "embedding" in n else n.split(".")[-2] for n, p in model.named_parameters()
+            if p.requires_grad} == {"a", "b"}
+    merge_adapters(model)
+    plain = unload(model)  # already merged: the merged weights stay
+    torch.testing.assert_close(plain(ids), ref(ids), rtol=0, atol=1e-10)
+    assert type(plain.conv) is nn.Conv2d and type(plain.emb) is nn.Embedding
