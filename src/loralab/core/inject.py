@@ -348,7 +348,7 @@ def unmerge_adapters(model: nn.Module) -> None:
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """Put the base modules back. ``merge=True`` first merges the active adapters (and keeps the active
     modules_to_save copies); otherwise the original modules_to_save come back, and only adapters already
-    merged stay in the weights."""
+    merged stay in the weights. Parameters keep their requires_grad (frozen after injection)."""
     if merge:
         for _, layer in lora_modules(model):
             layer.merge([n for n in layer.active_adapters if n not in layer.merged_adapters])
