@@ -173,7 +173,7 @@ def _codes_from_scaled(scaled: torch.Tensor, bounds: list[float], order: torch.T
     for midpoint in bounds:
         out.add_(torch.gt(scaled, midpoint, out=flags))
     if order is not None:
-        out = torch.index_select(order, 0, out.int())
+        out = torch.index_select(order.to(out.device), 0, out.int())
     return out
 
 
@@ -189,8 +189,8 @@ def _quantize_full_blocks(
     step = max(1, _CHUNK // block_size)
 
     def work(begin: int, end: int) -> None:
-        codes_buf = torch.empty(step * block_size, dtype=torch.uint8)
-        flags_buf = torch.empty(step * block_size, dtype=torch.bool)
+        codes_buf = torch.empty(step * block_size, dtype=torch.uint8, device=flat.device)
+        flags_buf = torch.empty(step * block_size, dtype=torch.bool, device=flat.device)
         for first in range(begin, end, step):
             last = min(first + step, end)
             count = (last - first) * block_size
@@ -208,7 +208,10 @@ def _quantize_full_blocks(
             torch.bitwise_or(pairs[:, 0] << 4, pairs[:, 1],
                              out=packed[first * block_size // 2 : last * block_size // 2])
 
-    _over_block_ranges(absmax.numel(), work)
+    if flat.device.type == "cpu":
+        _over_block_ranges(absmax.numel(), work)
+    else:
+        work(0, absmax.numel())
 
 
 def quantize_4bit(
@@ -233,8 +236,8 @@ def quantize_4bit(
     flat = weight.detach().reshape(-1)
     n = flat.numel()
     full = n - n % block_size
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
-    absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=flat.device)
     _quantize_full_blocks(flat, block_size, bounds, sort_to_code, packed, absmax[: full // block_size])
     if full < n:  # short last block: bnb divides by its absmax instead of multiplying by the reciprocal
         tail = flat[full:].float()
@@ -243,17 +246,18 @@ def quantize_4bit(
         scaled = tail / tail_max.clamp(min=1e-38)
         if scaled.numel() % 2:
             scaled = torch.cat([scaled, scaled.new_zeros(1)])
-        codes = _codes_from_scaled(scaled, bounds, sort_to_code, torch.empty(scaled.shape, dtype=torch.uint8),
-                                   torch.empty(scaled.shape, dtype=torch.bool)).view(-1, 2)
+        codes = _codes_from_scaled(scaled, bounds, sort_to_code, torch.empty_like(scaled, dtype=torch.uint8),
+                                   torch.empty_like(scaled, dtype=torch.bool)).view(-1, 2)
         packed[full // 2 :] = (codes[:, 0] << 4) | codes[:, 1]
     if not bool(torch.isfinite(absmax).all()):  # a NaN/Inf anywhere makes its block's absmax NaN/Inf
         bad = int((~torch.isfinite(absmax)).sum())
         raise ValueError(f"cannot quantize {name}: NaN/Inf values in {bad} of {absmax.numel()} blocks; "
                          "fix the weights or skip this tensor")
-    state = QuantState(quant_type, block_size, tuple(weight.shape), weight.dtype, absmax, codebook(quant_type))
+    state = QuantState(quant_type, block_size, tuple(weight.shape), weight.dtype, absmax,
+                       codebook(quant_type).to(flat.device))
     if double_quant:
         state.offset = absmax.mean()
-        state.nested_code = dynamic_map_signed()
+        state.nested_code = dynamic_map_signed().to(flat.device)
         state.absmax, state.nested_absmax = quantize_8bit_blockwise(absmax - state.offset, state.nested_code)
     return packed.unsqueeze(1), state
 
@@ -292,7 +296,7 @@ def quantize_8bit_blockwise(
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # all-zero block: no 0*inf
     scaled = (blocks * inverse.unsqueeze(1)).clamp_(-1.0, 1.0)
     bins = ((scaled + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)
-    q = _nearest_code_lut(code)[bins]
+    q = _nearest_code_lut(code).to(bins.device)[bins]
     q[absmax == 0] = 0
     return q.reshape(-1)[:n].contiguous(), absmax
 
@@ -305,7 +309,7 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     values = state.nested_code[state.absmax.long()]
     bs = state.nested_block_size
     full = n - n % bs
-    out = torch.empty(n, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32, device=values.device)
     torch.mul(values[:full].view(-1, bs), state.nested_absmax[: full // bs].unsqueeze(1), out=out[:full].view(-1, bs))
     if full < n:
         torch.mul(values[full:], state.nested_absmax[-1], out=out[full:])
@@ -337,14 +341,14 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     dtype = dtype or state.dtype
     n, bs = state.numel, state.block_size
     absmax = dequantize_absmax(state)
-    table = _pair_table(state.code.float())
+    table = _pair_table(state.code.float()).to(packed.device)
     data = packed.reshape(-1).view(torch.uint8)
-    out = torch.empty(n, dtype=dtype)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
     full = n - n % bs
     n_blocks = full // bs
     step = max(1, _DEQUANT_CHUNK // bs)
-    index_buf = torch.empty(min(step, n_blocks) * bs // 2, dtype=torch.int32)  # reused across steps
-    pairs_buf = torch.empty(min(step, n_blocks) * bs // 2, dtype=torch.int64)
+    index_buf = torch.empty(min(step, n_blocks) * bs // 2, dtype=torch.int32, device=packed.device)  # reused
+    pairs_buf = torch.empty(min(step, n_blocks) * bs // 2, dtype=torch.int64, device=packed.device)
     for first in range(0, n_blocks, step):  # ops of a step use torch's own intra-op threads
         last = min(first + step, n_blocks)
         count = (last - first) * bs // 2
