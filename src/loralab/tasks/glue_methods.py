@@ -107,7 +107,9 @@ def apply_method(model: nn.Module, method: str, lora_section: Any = None, heads:
         info["warm_start"] = warm_start(model, init_from, heads)
     else:
         from loralab.core.inject import inject_adapter
+        from loralab.engine.config import LoraSection
 
+        lora_section = lora_section if lora_section is not None else LoraSection()
         targets = lora_targets(model, lora_section.target_modules)
         cfg = lora_section.to_lora_config(task_type="SEQ_CLS", base_model_name_or_path=base_model_name)
         cfg.target_modules = targets
