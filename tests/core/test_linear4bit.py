@@ -97,6 +97,21 @@ def test_bf16_compute_dtype():
     torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_dtype_casts_leave_the_4bit_state_alone_and_state_dict_loads_back():
+    layer = Linear4bit.from_linear(_linear(seed=4), "nf4", double_quant=True)
+    before = layer.dequantize()
+    layer.to(torch.bfloat16)
+    assert layer.absmax.dtype == torch.uint8 and layer.nested_absmax.dtype == torch.float32
+    assert layer.offset.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.dequantize(), before)
+    other = Linear4bit.from_linear(_linear(seed=5), "nf4", double_quant=True)
+    other.load_state_dict(Linear4bit.from_linear(_linear(seed=4), "nf4", double_quant=True).state_dict())
+    assert torch.equal(other.dequantize(), before)
+    broken = {k: v for k, v in layer.state_dict().items() if not k.endswith("nested_absmax")}
+    with pytest.raises(RuntimeError, match="weight.nested_absmax is missing"):
+        other.load_state_dict(broken)
+
+
 def test_bits_per_param_of_layer():
     layer = Linear4bit.from_linear(_linear(1024, 1024, bias=False), "nf4", double_quant=True)
     assert round(layer.bits_per_param(), 3) == 4.127

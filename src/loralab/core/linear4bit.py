@@ -78,6 +78,16 @@ class Linear4bit(nn.Module):
         packed, state = Q.quantize_4bit(linear.weight.detach(), quant_type, block_size, double_quant, name=name)
         return cls(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the 4-bit state; a dtype cast (``model.half()``, ``.to(bf16)``) must not
+        touch it: absmax / offset / codebooks stay fp32, codes uint8 (only the bias follows)."""
+        originals = {k: self._buffers[k] for k in ("weight",) + _STATE_BUFFERS if self._buffers.get(k) is not None}
+        super()._apply(fn, recurse)
+        for key, original in originals.items():
+            if self._buffers[key].dtype != original.dtype:
+                self._buffers[key] = original.to(self._buffers[key].device)
+        return self
+
     def quant_state(self) -> Q.QuantState:
         state = Q.QuantState(self.quant_type, self.block_size, (self.out_features, self.in_features),
                              self.weight_dtype, self.absmax, self.quant_map)
