@@ -4,19 +4,21 @@ A weight ``W`` is flattened and cut into blocks of ``block_size`` values (the la
 Per block ``b`` with ``absmax_b = max |w|`` each value is scaled to ``s = w * (1 / absmax_b)`` in [-1, 1]
 and stored as the index of the nearest code of a 16-entry codebook ``c``:
 
-    q = argmin_k |s - c_k|,   found as  q = order[bucketize(s, midpoints)]
+    q = argmin_k |s - c_k|  =  order[ #{midpoints m : m < s} ]
 
 where ``midpoints`` lie halfway between consecutive *sorted* codes and ``order`` maps sorted position
-back to the code index. ``bucketize`` (right=False) puts a value exactly on a midpoint into the lower
-bucket; that tie rule, the reciprocal-multiply for full blocks and the true division for a short last
-block are what bitsandbytes' CPU path does, so packed bytes and absmax are bit-identical to
+back to the code index (FP4 codes are stored in bit-pattern order, with both +0 and -0). Counting the
+midpoints strictly below ``s`` equals ``bucketize(s, midpoints)``: a value exactly on a midpoint goes to
+the lower code. That tie rule, the reciprocal-multiply for full blocks and the true division for a short
+last block are what bitsandbytes' CPU path does, so packed bytes and absmax are bit-identical to
 ``bitsandbytes.functional.quantize_4bit`` (0.50.x). Two codes share a byte: element ``2i`` in the high
 nibble, element ``2i+1`` in the low nibble; the packed tensor has bnb's shape ``(ceil(n/2), 1)``.
 
 Dequantization is ``w_hat = c[q] * absmax_b`` computed in fp32 and rounded once to the output dtype.
 
 Double quantization (QLoRA): the fp32 absmax vector minus its mean ``offset`` is quantized to 8 bits
-with the signed dynamic map in blocks of 256, each block with its own fp32 scale. Storage per
+with the signed dynamic map in blocks of 256, each block with its own fp32 scale (nearest code through
+bnb's 65536-bin lookup table, reproduced exactly; see ``quantize_8bit_blockwise``). Storage per
 parameter with block 64: 4 + 8/64 + 32/(64*256) = 4.127 bits (vs 4.5 bits with plain fp32 absmax).
 """
 
