@@ -225,11 +225,16 @@ def test_lora_targets_per_architecture():
     gpt2 = tiny_model("gpt2", "causal_lm")
     cfg = e2e.lora_config_for(gpt2, section)
     assert cfg.target_modules is None and cfg.fused_qkv == {"c_attn": [True, False, True]}
+    from loralab.core.inject import inject_adapter
+
+    inject_adapter(gpt2, cfg)
+    assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_modules(gpt2)}) == ["c_attn"]
+    # q and v slices of 2 layers: A (r x 32) and B (32 x r) per slice, nothing else trains
+    trainable = sum(p.numel() for p in gpt2.parameters() if p.requires_grad)
+    assert trainable == 2 * 2 * (cfg.r * 32 + 32 * cfg.r)
     llama = tiny_model("llama", "causal_lm")
     cfg = e2e.lora_config_for(llama, section)
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.task_type == "CAUSAL_LM"
-    from loralab.core.inject import inject_adapter
-
     inject_adapter(llama, cfg)
     names = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_modules(llama)})
     assert names == ["q_proj", "v_proj"]
@@ -277,3 +282,16 @@ def test_build_fit_report_end_to_end(tmp_path, monkeypatch):
     assert "| 70.4 | 8.85 | 46.8 | 71.8 | 2.53 |" in result["table"]
     assert "| 50.0 | 4.00 | 40.0 | 60.0 | 2.00 |" in result["table"]
     assert math.isclose(result["score"], 0.5)
+
+
+def test_methods_full_and_bitfit():
+    cfg = load_config(overrides=["experiment=e2e", "lora.method=full"])
+    model = tiny_model("gpt2", "causal_lm")
+    info = e2e.apply_method(model, cfg)
+    assert info["trainable"] == info["total"] == sum(p.numel() for p in model.parameters())
+    cfg = load_config(overrides=["experiment=e2e", "lora.method=bitfit"])
+    gpt2 = tiny_model("gpt2", "causal_lm")
+    info = e2e.apply_method(gpt2, cfg)
+    assert info["trainable"] == sum(p.numel() for n, p in gpt2.named_parameters() if n.endswith("bias"))
+    with pytest.raises(RuntimeError, match="no parameter trains"):
+        e2e.apply_method(tiny_model("llama", "causal_lm"), cfg)  # Llama has no biases
