@@ -93,13 +93,16 @@ def coco_scores(hyps: list[str], refs: list[list[str]], metrics: tuple[str, ...]
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {COCO_METRICS}")
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference groups")
-    tokens = ptb_tokenize(list(hyps) + [r for group in refs for r in group])
+    # Two tokenizer runs, references then outputs, as the official scorer does (PTB's quote state
+    # can carry across lines, so one shared run is not guaranteed to be identical).
+    ref_tokens = ptb_tokenize([r for group in refs for r in group])
+    hyp_tokens = ptb_tokenize(list(hyps))
     ids = [f"inst-{i}" for i in range(len(hyps))]  # the official scorer's image ids, in order
-    res = {k: [tokens[i]] for i, k in enumerate(ids)}
+    res = {k: [hyp_tokens[i]] for i, k in enumerate(ids)}
     gts: dict[str, list[str]] = {}
-    pos = len(hyps)
+    pos = 0
     for k, group in zip(ids, refs):
-        gts[k] = tokens[pos : pos + len(group)]
+        gts[k] = ref_tokens[pos : pos + len(group)]
         pos += len(group)
 
     out: dict[str, float] = {}
