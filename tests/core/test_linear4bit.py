@@ -57,10 +57,8 @@ def test_forward_equals_bnb_linear4bit(quant_type):
     theirs = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.float32, quant_type=quant_type,
                                compress_statistics=True)
     theirs.load_state_dict(linear.state_dict())
-    theirs = theirs.to("cpu")  # quantizes on .to()
-    if theirs.weight.dtype != torch.uint8:
-        theirs.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False,
-                                          quant_type=quant_type, compress_statistics=True)._quantize("cpu")
+    theirs = theirs.to("cpu")  # bnb quantizes on .to(device)
+    assert theirs.weight.dtype == torch.uint8 and torch.equal(theirs.weight.data, ours.weight)
     x = torch.randn(5, 128)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
