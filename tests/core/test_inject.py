@@ -309,3 +309,29 @@ def test_conv2d_and_embedding_targets_and_two_active_adapters():
     plain = unload(model)  # already merged: the merged weights stay
     torch.testing.assert_close(plain(ids), ref(ids), rtol=0, atol=1e-10)
     assert type(plain.conv) is nn.Conv2d and type(plain.emb) is nn.Embedding
+
+
+def test_gradient_checkpointing_replays_the_same_lora_dropout_mask():
+    """Checkpointing recomputes the forward; the LoRA dropout mask must be redrawn identically (torch
+    restores the RNG state), so the adapter gradients equal the non-checkpointed ones."""
+    base = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    inject_adapter(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["query", "value"]))
+    _randomize_B(base)
+    ids, weights = torch.randint(0, 100, (2, 6)), torch.randn(2, 6, 32, dtype=D)
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(5)
+        (model(ids).last_hidden_state * weights).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    torch.manual_seed(6)  # another mask gives other gradients: the comparison above can fail
+    third = copy.deepcopy(base)
+    (third(ids).last_hidden_state * weights).sum().backward()
+    for name in grads[0]:
+        assert grads[0][name].abs().max() > 1e-3
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-9, atol=1e-12)
+    other = {n: p.grad for n, p in third.named_parameters() if p.requires_grad}
+    assert max((other[n] - grads[0][n]).abs().max() for n in other) > 1e-3
