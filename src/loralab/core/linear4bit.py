@@ -187,7 +187,8 @@ def _quant_settings(model: nn.Module) -> dict:
         raise ValueError("model has no Linear4bit layers; quantize_model(model) first")
     kinds = {(m.quant_type, m.nested_absmax is not None, m.compute_dtype, m.block_size) for _, m in layers}
     if len(kinds) != 1:
-        raise ValueError(f"bitsandbytes' config.json describes one 4-bit scheme per model; found {sorted(map(str, kinds))}")
+        raise ValueError("bitsandbytes' config.json describes one 4-bit scheme per model; "
+                         f"found {sorted(map(str, kinds))}")
     quant_type, nested, compute, block = kinds.pop()
     if quant_type == "int4":
         raise ValueError("bitsandbytes has no int4 format: save nf4 or fp4 models")
@@ -326,7 +327,8 @@ def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: Q.
 
     for key, get in getters.items():
         mod_name, _, attr = key.rpartition(".")
-        if mod_name.endswith(".weight") and mod_name[: -len(".weight")] in prequantized or ".weight.quant_state." in key:
+        is_companion = mod_name.endswith(".weight") and mod_name[: -len(".weight")] in prequantized
+        if is_companion or ".weight.quant_state." in key:
             continue  # quant-state companion, read together with its weight
         if attr == "weight" and mod_name in prequantized:
             entries = {tail: getters[k]() for tail, k in companions[mod_name].items()}
