@@ -25,6 +25,7 @@ parameter with block 64: 4 + 8/64 + 32/(64*256) = 4.127 bits (vs 4.5 bits with p
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -142,7 +143,7 @@ class QuantState:
 
 _CHUNK = 1 << 14  # quantize: elements per step, in cache and below torch's intra-op grain (ops run serially)
 _DEQUANT_CHUNK = 1 << 18  # dequantize: 3 cheap ops per step; larger steps amortize per-op overhead
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that created it, pool)
 
 
 def _over_block_ranges(n_blocks: int, work) -> None:
@@ -157,10 +158,10 @@ def _over_block_ranges(n_blocks: int, work) -> None:
     if workers <= 1:
         work(0, n_blocks)
         return
-    if _POOL is None or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loralab-quant")
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < workers:  # new after fork
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loralab-quant"))
     edges = [n_blocks * i // workers for i in range(workers + 1)]
-    for future in [_POOL.submit(work, a, b) for a, b in zip(edges[:-1], edges[1:])]:
+    for future in [_POOL[1].submit(work, a, b) for a, b in zip(edges[:-1], edges[1:])]:
         future.result()
 
 
