@@ -219,6 +219,14 @@ def test_loads_checkpoint_quantized_by_transformers_bitsandbytes(tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     for suffix in ("", ".absmax", ".nested_absmax", ".quant_map", ".nested_quant_map"):
         assert torch.equal(mine[key + suffix], ref[key + suffix]), suffix
+    # sharded like published "*-bnb-4bit" repos (a layer's quant state may sit in another shard)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    with empty_init():
+        sharded = transformers.AutoModelForCausalLM.from_config(config)
+    load_quantized(sharded, tmp_path / "sharded")
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(IDS).logits, ours(IDS).logits, rtol=0, atol=0)
 
 
 def test_transformers_loads_what_loralab_saves(tmp_path):
