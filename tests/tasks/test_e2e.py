@@ -122,6 +122,7 @@ def test_decoding_settings_left_padding_and_order(monkeypatch):
     config = calls[0][2]
     assert (config.num_beams, config.length_penalty, config.no_repeat_ngram_size, config.max_new_tokens) == (10, 0.9, 4, 64)
     assert config.eos_token_id == eos and config.pad_token_id == tok.pad_token_id and config.do_sample is False
+    assert (config.repetition_penalty, config.num_return_sequences, config.use_cache) == (1.0, 1, True)
     ids, mask = calls[0][0], calls[0][1]  # shortest prompts first: "name[B]" and "name[Mid MR]"
     short = _chars(tok, "name[B]" + SEPARATOR)
     width = ids.size(1)

@@ -22,15 +22,21 @@ PERCENT = ("BLEU", "METEOR", "ROUGE_L")
 
 
 def generation_kwargs(gen: Any, eos: int, pad: int) -> dict[str, Any]:
-    """``generate`` keyword arguments from a ``GenerateConfig``."""
+    """``generate`` keyword arguments from a ``GenerateConfig``.
+
+    Settings a model's own ``generation_config.json`` could otherwise fill in (transformers fills
+    every field we leave unset from it) are pinned to neutral values: no repetition penalty, no
+    minimum length, one sequence, no early stop of the beam search; top-k / top-p off when sampling.
+    """
     kwargs: dict[str, Any] = dict(
         max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=gen.do_sample,
         no_repeat_ngram_size=gen.no_repeat_ngram_size, eos_token_id=eos, pad_token_id=pad, use_cache=True,
+        repetition_penalty=1.0, min_new_tokens=0, num_return_sequences=1,
     )
     if gen.num_beams > 1:
-        kwargs["length_penalty"] = gen.length_penalty
+        kwargs.update(length_penalty=gen.length_penalty, early_stopping=False)
     if gen.do_sample:
-        kwargs["temperature"] = gen.temperature
+        kwargs.update(temperature=gen.temperature, top_k=0, top_p=1.0)
     return kwargs
 
 
