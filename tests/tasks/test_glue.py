@@ -197,7 +197,7 @@ def test_presets_are_registered_and_method_aware():
         assert (c.data.task, c.train.batch_size, c.train.epochs, c.train.lr) == (task, bs, ep, lr)
     lrs = {m: load_config(preset=f"glue-cpu-rte{s}").train.lr for m, s in
            [("lora", ""), ("full", "-full"), ("bitfit", "-bitfit")]}
-    assert lrs["full"] < lrs["lora"] < lrs["bitfit"]
+    assert lrs["full"] <= 1e-4 < min(lrs["lora"], lrs["bitfit"])  # full FT moves every weight: far lower lr
     cpu = load_config(preset="glue-cpu-sst2-full")
     assert cpu.lora.method == "full" and cpu.model.name == "minilm-l6" and cpu.data.max_length == 128
 

@@ -6,7 +6,9 @@ glue-paper-<task>
 glue-cpu-<task>[-full|-bitfit]
     A few minutes on 2 CPU cores: MiniLM-L6 (22M), 2,000 training examples, max length 128, 3 epochs,
     dynamic padding with length grouping. The method picks the learning rate: full fine-tuning moves
-    every weight and needs ~10x less than LoRA (5e-5 vs 5e-4); BitFit's few biases need more (1e-3).
+    every weight and needs far less (5e-5) than LoRA (2e-3) or BitFit (1e-3). LoRA gets 4x the paper's
+    5e-4 because 375 steps are not 30+ epochs: on STS-B, 3 epochs at 5e-4 reached Pearson 0.41, at
+    2e-3 0.71 after two epochs (MiniLM-L6, 2,000 examples, seed 0).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ PAPER_RECIPE: dict[str, tuple[int, int, float]] = {
     "qnli": (32, 25, 4e-4), "qqp": (16, 25, 5e-4), "rte": (32, 80, 5e-4), "stsb": (16, 40, 4e-4),
 }
 
-CPU_LR = {"lora": 5e-4, "full": 5e-5, "bitfit": 1e-3}
+CPU_LR = {"lora": 2e-3, "full": 5e-5, "bitfit": 1e-3}
 CPU_TRAIN_SAMPLES = 2000
 CPU_EVAL_SAMPLES = {"mnli": 2000, "qqp": 2000, "qnli": 2000}  # big dev sets: the first 2,000 (others: all)
 
