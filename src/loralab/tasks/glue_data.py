@@ -140,7 +140,7 @@ def read_tsv(path: str | Path, columns: tuple[str, ...] | None = None,
                 raise GlueDataError(
                     f"{path}, line {reader.line_num}: {len(values)} tab-separated fields, the header has "
                     f"{len(header)} ({header}). Is this the GLUE release file? To drop such rows set "
-                    "skip_malformed=True (task.skip_malformed_rows=true).")
+                    "read_tsv(..., skip_malformed=True).")
             rows.append(dict(zip(header, values)))
     if skipped:
         print(f"[glue] {path}: skipped {len(skipped)} malformed rows (lines {skipped[:10]}...)", file=sys.stderr)
