@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the timing runs")
     parser.add_argument("--time-steps", type=int, default=3, help="timed steps per timing run (after 1 warmup)")
     parser.add_argument("--mem-steps", type=int, default=3, help="steps per 1B memory run")
+    parser.add_argument("--phase", choices=("all", "time", "memory"), default="all",
+                        help="run one half only, updating that half of the existing result file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ckpt-dir", type=Path, default=Path(tempfile.gettempdir()) / "loralab_qlora_bench")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -202,38 +204,50 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    shape = "135m-quick" if args.quick else "135m"
-    rounds, warmup, steps = (1, 1, 2) if args.quick else (args.rounds, 1, args.time_steps)
-    ckpt = write_checkpoint(shape, args.ckpt_dir / shape)
-    spec = SHAPES[shape]
-    print(f"TIME {shape} (batch {spec['batch']} x {spec['seq']}), {rounds} interleaved rounds, "
-          f"{warmup} warmup + {steps} timed steps")
-    timing: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    runs: list[dict] = []
-    for _ in range(rounds):
-        for variant in VARIANTS:
-            result = _run_worker(variant, shape, warmup, steps, False, ckpt, args.threads)
-            timing[variant] += result["step_s"]
-            runs.append(result)
-    median = {v: statistics.median(t) for v, t in timing.items()}
-    out: dict = {"quick": args.quick, "threads": args.threads, "time_shape": shape, "median_step_s_135m": median,
-                 "qlora_over_lora_time": median["qlora"] / median["lora"],
-                 "qlora_over_peft_bnb_time": median["qlora"] / median["peft_bnb"], "runs_135m": runs}
-    if not args.quick:
+    results = RESULTS.with_name("qlora_step_quick.json") if args.quick else RESULTS
+    # --phase time / memory update their half of an existing result file (the two phases can run at
+    # different times on a shared machine); every worker result is saved as soon as it arrives.
+    out: dict = json.loads(results.read_text()) if args.phase != "all" and results.exists() else {}
+    out.update(quick=args.quick, threads=args.threads)
+
+    def save() -> None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(out, indent=2))
+
+    if args.phase in ("all", "time"):
+        shape = "135m-quick" if args.quick else "135m"
+        rounds, warmup, steps = (1, 1, 2) if args.quick else (args.rounds, 1, args.time_steps)
+        ckpt = write_checkpoint(shape, args.ckpt_dir / shape)
+        spec = SHAPES[shape]
+        print(f"TIME {shape} (batch {spec['batch']} x {spec['seq']}), {rounds} interleaved rounds, "
+              f"{warmup} warmup + {steps} timed steps")
+        timing: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        out.update(time_shape=shape, time_rounds=rounds, time_warmup=warmup, time_steps=steps, runs_135m=[])
+        for _ in range(rounds):
+            for variant in VARIANTS:
+                result = _run_worker(variant, shape, warmup, steps, False, ckpt, args.threads)
+                timing[variant] += result["step_s"]
+                out["runs_135m"].append(result)
+                save()
+        median = {v: statistics.median(t) for v, t in timing.items()}
+        out.update(median_step_s_135m=median, qlora_over_lora_time=median["qlora"] / median["lora"],
+                   qlora_over_peft_bnb_time=median["qlora"] / median["peft_bnb"])
+        save()
+    if args.phase in ("all", "memory") and not args.quick:
         ckpt = write_checkpoint("1b", args.ckpt_dir / "1b")
-        print("MEMORY 1B shape (batch 1 x 128, gradient checkpointing), one variant at a time")
-        peak = {}
+        print(f"MEMORY 1B shape (batch 1 x 128, gradient checkpointing, {args.mem_steps} steps), "
+              "one variant at a time")
+        peak: dict[str, int] = {}
+        out.update(mem_steps=args.mem_steps, runs_1b=[])
         for variant in VARIANTS:
             result = _run_worker(variant, "1b", 0, args.mem_steps, True, ckpt, args.threads)
             peak[variant] = result["peak_rss_bytes"]
-            out.setdefault("runs_1b", []).append(result)
-        out["peak_rss_bytes_1b"] = peak
-        out["qlora_over_lora_peak_mem"] = peak["qlora"] / peak["lora"]
-        out["qlora_over_peft_bnb_peak_mem"] = peak["qlora"] / peak["peft_bnb"]
-        out["mem_steps"] = args.mem_steps
-    results = RESULTS.with_name("qlora_step_quick.json") if args.quick else RESULTS
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(out, indent=2))
+            out["runs_1b"].append(result)
+            out["peak_rss_bytes_1b"] = peak
+            save()
+        out.update(qlora_over_lora_peak_mem=peak["qlora"] / peak["lora"],
+                   qlora_over_peft_bnb_peak_mem=peak["qlora"] / peak["peft_bnb"])
+        save()
     for key in ("qlora_over_lora_time", "qlora_over_peft_bnb_time", "qlora_over_lora_peak_mem",
                 "qlora_over_peft_bnb_peak_mem"):
         if key in out:
