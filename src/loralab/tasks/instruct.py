@@ -298,7 +298,7 @@ def tokenize_conversation(tokenizer: Any, turns: Conversation, max_length: int |
     labels = [IGNORE] * len(full)
     segments, cursor = [], 0
     for i, turn in enumerate(turns):
-        if turn["role"] != "assistant":
+        if turn["role"] != "assistant" or train_on == "all":
             continue
         if i == 0:
             raise ValueError("a conversation cannot start with an assistant turn")
