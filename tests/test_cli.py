@@ -225,6 +225,15 @@ def test_models_and_score_e2e_dispatch_lazily(capsys, tmp_path, monkeypatch):
     (tmp_path / "r.txt").write_text("a\n")
     code, out, _ = _run(capsys, "score-e2e", str(tmp_path / "h.txt"), str(tmp_path / "r.txt"), "--json")
     assert code == 0 and json.loads(out) == {"BLEU": 0.5, "n": 2}
+    code, out, _ = _run(capsys, "score-e2e", str(tmp_path / "h.txt"), str(tmp_path / "r.txt"))
+    assert code == 0 and json.loads(out) == {"BLEU": 0.5, "n": 2}  # one JSON object by default
+
+    def mismatch(hyp, ref):
+        raise ValueError("h.txt has 2 outputs but r.txt has 1 reference groups")
+
+    e2e.score_files = mismatch
+    code, _, err = _run(capsys, "score-e2e", str(tmp_path / "h.txt"), str(tmp_path / "r.txt"))
+    assert code == 2 and "2 outputs but" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- the real trainer, once

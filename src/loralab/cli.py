@@ -346,8 +346,12 @@ def cmd_score_e2e(args: argparse.Namespace) -> int:
     for path in (args.hyp, args.ref):
         if not Path(path).is_file():
             raise UsageError(f"{path}: no such file")
-    scores = score_files(args.hyp, args.ref)
-    print(json.dumps(scores, indent=2) if args.json else format_table(["metric", "value"], list(scores.items())))
+    try:
+        scores = score_files(args.hyp, args.ref)
+    except ValueError as e:  # count mismatches, empty groups: the files are wrong, not loralab
+        raise UsageError(str(e)) from e
+    # one JSON object (raw values, BLEU as a fraction), as the official scorer's consumers expect
+    print(format_table(["metric", "value"], list(scores.items())) if args.table else json.dumps(scores))
     return 0
 
 
@@ -412,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score-e2e", help="score E2E NLG outputs against references (BLEU, NIST, METEOR, ...)")
     p.add_argument("hyp", metavar="HYP")
     p.add_argument("ref", metavar="REF")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the default)")
+    p.add_argument("--table", action="store_true", help="print a table instead of JSON")
     p.set_defaults(func=cmd_score_e2e)
 
     p = sub.add_parser("quickstart", help="a small end-to-end run (preset 'quickstart')")
