@@ -171,6 +171,7 @@ def test_build_fit_report(tiny_bert_dir, tmp_path, task, method):
     out = G.report(cfg, model, tok, tmp_path, result)
     saved = json.loads((tmp_path / "glue_result.json").read_text())
     assert saved["task"] == task and saved["method"] == method and saved["score"] == out["metrics"][out["main_metric"]]
+    assert saved["settings"]["lr"] == 1e-3 and saved["settings"]["train_samples"] == 24
     assert saved["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() == (method == "lora")
     assert all(math.isfinite(v) for v in out["metrics"].values())

@@ -97,3 +97,16 @@ def test_seeds_runner_end_to_end(tmp_path):
     cell = data["rows"][0]["tasks"]["rte"]
     assert cell["n"] == 2 and cell["seeds"] == [0, 1]
     assert cell["values"] == [100 * r["score"] for r in results]
+
+
+def test_runs_with_different_settings_are_not_pooled():
+    a = [{**_res("stsb", s, v), "settings": {"lr": 5e-4}} for s, v in enumerate([0.40, 0.42, 0.41])]
+    b = [{**_res("stsb", s, v), "settings": {"lr": 2e-3}} for s, v in enumerate([0.76, 0.75])]
+    c = [{**_res("rte", 0, 0.6), "settings": {"lr": 2e-3}}]
+    markdown, data = R.glue_table(a + b + c)
+    by_variant = {r["variant"]: r for r in data["rows"]}
+    assert set(by_variant) == {"lr=0.0005", "lr=0.002", ""}
+    assert by_variant["lr=0.0005"]["tasks"]["stsb"]["median"] == pytest.approx(41.0)
+    assert by_variant["lr=0.002"]["tasks"]["stsb"]["median"] == pytest.approx(75.5)
+    assert by_variant[""]["tasks"]["rte"]["n"] == 1
+    assert "| minilm-l6 / lora (lr=0.002) | 1,234 | — | 75.5 (75.0–76.0, n=2) | — |" in markdown

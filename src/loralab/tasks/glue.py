@@ -252,6 +252,11 @@ def report(cfg: Any, model: nn.Module, tokenizer: Any, run_dir: str | Path | Non
         "trainable_params": info.get("trainable", counts["trainable"]), "total_params": counts["total"],
         "train_examples": cfg.data.train_samples or None, "max_length": cfg.data.max_length,
         "warm_start": info.get("warm_start"),
+        "settings": {"lr": cfg.train.lr, "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps,
+                     "batch_size": cfg.train.batch_size, "r": cfg.lora.r if cfg.lora.method == "lora" else None,
+                     "alpha": cfg.lora.alpha if cfg.lora.method == "lora" else None,
+                     "train_samples": cfg.data.train_samples, "max_length": cfg.data.max_length,
+                     "init_from": cfg.lora.init_from},
         "fit": fit_result.to_dict() if hasattr(fit_result, "to_dict") else fit_result,
     }
     if run_dir is not None:

@@ -35,18 +35,36 @@ def result_score(result: dict) -> float:
     return 100.0 * float(result["metrics"][key])
 
 
+SETTINGS = ("lr", "epochs", "max_steps", "batch_size", "r", "alpha", "train_samples", "max_length", "init_from")
+"""Hyperparameters recorded per run; runs that differ in them are never pooled into one median."""
+
+
+def _settings_key(result: dict) -> str:
+    return json.dumps({k: result.get("settings", {}).get(k) for k in SETTINGS}, sort_keys=True)
+
+
 def aggregate(results: list[dict]) -> list[dict]:
-    """Group runs by (model, method, task) and summarise the seeds: median, min, max, std, n, values."""
+    """Group runs by (model, method, task, settings) and summarise the seeds: median, min, max, std, n,
+    values. When one (model, method, task) was run with several settings, each group gets a
+    ``variant`` naming the settings that differ (e.g. "lr=0.002"), so it shows as its own row."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for res in results:
-        groups[(res.get("model", "?"), res.get("method", "?"), normalize_task_name(res["task"]))].append(res)
+        key = (res.get("model", "?"), res.get("method", "?"), normalize_task_name(res["task"]), _settings_key(res))
+        groups[key].append(res)
+    variants: dict[tuple, list[str]] = defaultdict(list)
+    for model, method, task, settings in groups:
+        variants[(model, method, task)].append(settings)
     rows = []
-    for (model, method, task), runs in groups.items():
+    for (model, method, task, settings), runs in groups.items():
         runs = sorted(runs, key=lambda r: r.get("seed", 0))
         values = [result_score(r) for r in runs]
+        siblings = [json.loads(s) for s in variants[(model, method, task)]]
+        mine = json.loads(settings)
+        differing = [k for k in SETTINGS if len({json.dumps(s.get(k)) for s in siblings}) > 1]
         rows.append({"model": model, "method": method, "task": task, "metric": MAIN_METRIC[task],
+                     "variant": ", ".join(f"{k}={mine.get(k)}" for k in differing),
                      **median_and_spread(values), "values": values, "seeds": [r.get("seed") for r in runs],
-                     "trainable_params": runs[0].get("trainable_params")})
+                     "settings": mine, "trainable_params": runs[0].get("trainable_params")})
     return rows
 
 
@@ -64,19 +82,19 @@ def glue_table(results: list[dict]) -> tuple[str, dict]:
     tasks = [t for t in TASK_ORDER if any(s["task"] == t for s in summary)]
     rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for s in summary:
-        rows[(s["model"], s["method"])][s["task"]] = s
+        rows[(s["model"], s["method"], s["variant"])][s["task"]] = s
     header = ["model / method", "trainable"] + [TASK_TITLES[t] for t in tasks] + ["Avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     json_rows = []
-    for (model, method), cells in rows.items():
+    for (model, method, variant), cells in rows.items():
         medians = {t: cells[t]["median"] for t in tasks if t in cells}
         avg = sum(medians.values()) / len(medians) if len(medians) == len(tasks) else None
         trainable = next((c["trainable_params"] for c in cells.values() if c["trainable_params"]), None)
         lines.append("| " + " | ".join(
-            [f"{model} / {method}", f"{trainable:,}" if trainable else "?"]
+            [f"{model} / {method}" + (f" ({variant})" if variant else ""), f"{trainable:,}" if trainable else "?"]
             + [_fmt_cell(cells[t]) if t in cells else "—" for t in tasks]
             + [f"{avg:.1f}" if avg is not None else "—"]) + " |")
-        json_rows.append({"model": model, "method": method, "trainable_params": trainable, "avg": avg,
+        json_rows.append({"model": model, "method": method, "variant": variant, "trainable_params": trainable, "avg": avg,
                           "tasks": {t: cells[t] for t in tasks if t in cells}})
     paper_avg = sum(PAPER_ROBERTA_BASE_LORA[t] for t in tasks) / len(tasks)
     lines.append("| " + " | ".join([PAPER_LABEL, "0.3M"] + [f"{PAPER_ROBERTA_BASE_LORA[t]:.1f}" for t in tasks]
