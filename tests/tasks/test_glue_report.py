@@ -10,7 +10,7 @@ from loralab.tasks import glue_report as R
 def _res(task, seed, value, method="lora", model="minilm-l6", key=None):
     key = key or {"stsb": "pearson", "cola": "matthews_corr"}.get(task, "accuracy")
     return {"task": task, "seed": seed, "model": model, "method": method, "metrics": {key: value, "eval_loss": 0.5},
-            "trainable_params": 1234}
+            "trainable_params": 1234, "fit": {"global_step": 10}}
 
 
 def test_median_spread_and_markdown():
@@ -56,6 +56,8 @@ def test_write_and_collect(tmp_path, capsys):
         run = tmp_path / f"run{seed}"
         run.mkdir()
         (run / R.RESULT_FILE).write_text(json.dumps(_res("sst2", seed, v)))
+    (tmp_path / "eval-run").mkdir()  # `loralab eval` of an adapter: no fit, not another seed
+    (tmp_path / "eval-run" / R.RESULT_FILE).write_text(json.dumps({**_res("sst2", 0, 0.8), "fit": None}))
     results = R.collect_results(tmp_path)
     assert sorted(r["seed"] for r in results) == [0, 1, 2]
     md, js = R.write_glue_table(results, tmp_path / "out")

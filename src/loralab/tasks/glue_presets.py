@@ -8,7 +8,8 @@ glue-cpu-<task>[-full|-bitfit]
     dynamic padding with length grouping. The method picks the learning rate: full fine-tuning moves
     every weight and needs far less (5e-5) than LoRA (2e-3) or BitFit (1e-3). LoRA gets 4x the paper's
     5e-4 because 375 steps are not 30+ epochs: on STS-B, 3 epochs at 5e-4 reached Pearson 0.41, at
-    2e-3 0.76 (MiniLM-L6, 2,000 examples, seed 0).
+    2e-3 0.76 (MiniLM-L6, 2,000 examples, seed 0). SST-2 dev accuracy, seed 0: LoRA 82.6 (79.5 at
+    5e-4), full 83.1, BitFit 77.2; about 2 minutes of training each on an idle core.
 """
 
 from __future__ import annotations

@@ -121,19 +121,22 @@ def write_glue_table(results: list[dict], out_dir: str | Path, stem: str = "glue
 
 
 def collect_results(root: str | Path) -> list[dict[str, Any]]:
-    """Finished GLUE runs under ``root``: from the run registry (``<root>/runs.sqlite``, completed
-    runs of experiment "glue") when there is one, else every ``glue_result.json`` below ``root``."""
+    """Finished GLUE training runs under ``root``: from the run registry (``<root>/runs.sqlite``,
+    completed runs of experiment "glue") when there is one, else every ``glue_result.json`` below
+    ``root``. Evaluation-only runs (``loralab eval``: no fit) are left out, so that re-evaluating an
+    adapter never counts as another seed."""
     from loralab.engine.runs import REGISTRY, list_runs
 
     root = Path(root)
     if (root / REGISTRY).is_file():
-        results = []
+        found = []
         for record in list_runs(root):
             path = record.dir / RESULT_FILE
             if record.experiment == "glue" and record.status == "completed" and path.is_file():
-                results.append({**json.loads(path.read_text()), "run_id": record.id})
-        return results
-    return [json.loads(p.read_text()) for p in sorted(root.rglob(RESULT_FILE))]
+                found.append({**json.loads(path.read_text()), "run_id": record.id})
+    else:
+        found = [json.loads(p.read_text()) for p in sorted(root.rglob(RESULT_FILE))]
+    return [r for r in found if r.get("fit") is not None]
 
 
 def run_seeds(preset: str | None, seeds: list[int], overrides: list[str] | None = None,
