@@ -4,7 +4,7 @@ glue-paper-<task>
     The paper's RoBERTa-base LoRA recipe (Hu et al. 2021, Appendix D, Table 9): AdamW, linear decay
     after 6% warmup, r = alpha = 8 on W_q and W_v, max length 512, per-task batch / epochs / lr.
 glue-cpu-<task>[-full|-bitfit]
-    A few minutes on 2 CPU cores: MiniLM-L6 (22M), 2,000 training examples, max length 128, 3 epochs,
+    Sized for minutes on 2 CPU cores: MiniLM-L6 (22M), 2,000 training examples, max length 128, 3 epochs,
     dynamic padding with length grouping. The method picks the learning rate: full fine-tuning moves
     every weight and needs far less (5e-5) than LoRA (2e-3) or BitFit (1e-3). LoRA gets 4x the paper's
     5e-4 because 375 steps are not 30+ epochs: on STS-B, 3 epochs at 5e-4 reached Pearson 0.41, at
