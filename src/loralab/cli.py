@@ -340,6 +340,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_glue_table(args: argparse.Namespace) -> int:
+    from loralab.tasks import glue_report
+
+    if not Path(args.runs_dir).is_dir():
+        raise UsageError(f"{args.runs_dir}: no such directory")
+    results = glue_report.collect_results(args.runs_dir)
+    if not results:
+        raise UsageError(f"no finished GLUE runs under {args.runs_dir}")
+    glue_report.write_glue_table(results, args.out or args.runs_dir)
+    return 0
+
+
 def cmd_score_e2e(args: argparse.Namespace) -> int:
     from loralab.metrics.e2e import score_files
 
@@ -412,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_runs)
 
     sub.add_parser("models", help="list the offline model zoo").set_defaults(func=cmd_models)
+
+    p = sub.add_parser("glue-table", help="the GLUE table of finished runs beside the paper's numbers")
+    p.add_argument("runs_dir", metavar="RUNS_DIR")
+    p.add_argument("--out", help="where glue_table.md/.json go (default: RUNS_DIR)")
+    p.set_defaults(func=cmd_glue_table)
 
     p = sub.add_parser("score-e2e", help="score E2E NLG outputs against references (BLEU, NIST, METEOR, ...)")
     p.add_argument("hyp", metavar="HYP")

@@ -112,3 +112,23 @@ def test_runs_with_different_settings_are_not_pooled():
     assert by_variant["lr=0.002"]["tasks"]["stsb"]["median"] == pytest.approx(75.5)
     assert by_variant[""]["tasks"]["rte"]["n"] == 1
     assert "| minilm-l6 / lora (lr=0.002) | 1,234 | — | 75.5 (75.0–76.0, n=2) | — |" in markdown
+
+
+def test_per_run_lines_state_time_and_throughput(tmp_path, capsys):
+    a = _res("rte", 0, 0.61)
+    a["fit"] = {"train_seconds": 123.4, "tokens_per_second": 4567.8}
+    a["run_dir"] = str(tmp_path / "20261128-rte-abc")
+    b = _res("sst2", 0, 0.8, method="full")
+    markdown, _ = R.glue_table([a, b])
+    assert "| SST-2 | full | 0 | 80.0 | 1,234 | ? | ? | ? |" in markdown  # sorted in paper order
+    assert "| RTE | lora | 0 | 61.0 | 1,234 | 123 | 4,568 | 20261128-rte-abc |" in markdown
+    # and through the CLI: `loralab glue-table RUNS_DIR` finds glue_result.json files and writes both files
+    from loralab.cli import main
+
+    run = tmp_path / "runs" / "one"
+    run.mkdir(parents=True)
+    (run / R.RESULT_FILE).write_text(json.dumps(a))
+    assert main(["glue-table", str(tmp_path / "runs")]) == 0
+    assert "| RTE | lora | 0 | 61.0 |" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "glue_table.md").exists() and (tmp_path / "runs" / "glue_table.json").exists()
+    assert main(["glue-table", str(tmp_path / "nothing")]) == 2

@@ -101,11 +101,26 @@ def glue_table(results: list[dict]) -> tuple[str, dict]:
                                    + [f"{paper_avg:.1f}"]) + " |")
     note = ("Median over seeds x100 (min–max, n seeds). MNLI: matched acc; CoLA: Matthews corr; STS-B: "
             "Pearson; others: accuracy. Avg over the columns shown (a row missing a column has none).")
-    markdown = "\n".join(lines) + "\n\n" + note + "\n"
+    markdown = "\n".join(lines) + "\n\n" + note + "\n\n" + _runs_table(results) + "\n"
     data = {"tasks": tasks, "metrics": {t: MAIN_METRIC[t] for t in tasks}, "rows": json_rows,
             "paper": {"label": PAPER_LABEL, "scores": {t: PAPER_ROBERTA_BASE_LORA[t] for t in tasks},
                       "avg": paper_avg}}
     return markdown, data
+
+
+def _runs_table(results: list[dict]) -> str:
+    """One line per run: its score, trainable parameters, training time and throughput."""
+    lines = ["| task | method | seed | score | trainable | train time (s) | tokens/s | run |", "|" + "---|" * 8]
+    order = {t: i for i, t in enumerate(TASK_ORDER)}
+    for r in sorted(results, key=lambda r: (order.get(normalize_task_name(r["task"]), 99), r.get("method", ""))):
+        fit = r.get("fit") or {}
+        secs, tps = fit.get("train_seconds"), fit.get("tokens_per_second")
+        lines.append("| " + " | ".join([
+            TASK_TITLES.get(normalize_task_name(r["task"]), r["task"]), str(r.get("method", "?")), str(r.get("seed", "?")),
+            f"{result_score(r):.1f}", f"{r['trainable_params']:,}" if r.get("trainable_params") else "?",
+            f"{secs:.0f}" if secs is not None else "?", f"{tps:,.0f}" if tps else "?",
+            Path(str(r.get("run_dir", "?"))).name]) + " |")
+    return "\n".join(lines)
 
 
 def write_glue_table(results: list[dict], out_dir: str | Path, stem: str = "glue_table") -> tuple[Path, Path]:
