@@ -206,3 +206,22 @@ def test_large_tensor_threaded_path_bit_exact_with_bnb():
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref.absmax)
     assert torch.equal(state.nested_absmax, ref.state2.absmax)
     assert torch.equal(Q.dequantize_4bit(packed, state), F.dequantize_4bit(ref_packed, ref))
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_large_dequantize_steps_tail_and_huge_page_hint_are_bitwise_exact(out_dtype, huge_pages, monkeypatch):
+    """Several 2^19-element steps, a short last block, the huge-page output hint on and off: every bit
+    (signed zeros included) equals the formula ``code[q] * absmax`` in fp32, rounded once to the dtype."""
+    monkeypatch.setattr(Q, "HUGE_PAGE_OUTPUT", huge_pages)
+    w = _weights((2_100_003,), torch.float32, seed=12)  # 8.4 MB of fp32 output: the hint applies
+    w[:64] = 0.0  # an all-zero block
+    w[64:128] = -torch.rand(64, generator=torch.Generator().manual_seed(5)) * 1e-3  # -0.0 products in FP4
+    for quant_type in ("nf4", "fp4"):
+        packed, state = Q.quantize_4bit(w, quant_type, 64, double_quant=True)
+        absmax = Q.dequantize_absmax(state)
+        expected = _reference_dequant(packed, absmax, state.code, w.numel(), 64).float().to(out_dtype)
+        out = Q.dequantize_4bit(packed, state, out_dtype)
+        bits = torch.int32 if out_dtype == torch.float32 else torch.int16
+        assert out.dtype == out_dtype and out.shape == w.shape
+        assert torch.equal(out.view(bits), expected.view(bits)), quant_type
