@@ -199,7 +199,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = load_config(None, overrides, preset="quickstart")
     print(f"quickstart: {cfg.experiment}/{cfg.data.task} on {cfg.model.name}, runs under {cfg.out_dir}/", flush=True)
     run, results = run_training(cfg)
-    if run is not None:
+    if run is not None and isinstance(results, dict) and results.get("summary"):
+        print(f"run {run.id[:8]} completed: {run.dir}")  # the experiment printed its own summary block
+    elif run is not None:
         _print_summary(run, results)
     return 0
 

@@ -1,0 +1,88 @@
+"""Presets of the instruction-tuning experiment (registered when loralab.tasks.instruct is imported)."""
+
+from __future__ import annotations
+
+QLORA_PAPER = {
+    # Dettmers et al. 2023: NF4 + double quantization, bf16 compute, LoRA on every linear layer but the
+    # head, r=64, alpha=16, dropout 0.1 (<= 13B; 0.05 for 33B/65B), lr 2e-4 (1e-4 for 33B/65B), constant
+    # schedule after 3% warmup, grad-norm clip 0.3, paged AdamW, batch 16, gradient checkpointing,
+    # length-grouped batches, loss on the response only. Frozen non-quantized parts (embeddings,
+    # norms, head) stay float32 here; the LoRA matmuls run under bf16 autocast (train.bf16).
+    "experiment": "instruct", "name": "qlora-gsm8k", "model.name": "smollm2-135m",
+    "model.quantize": "nf4", "model.double_quant": True, "model.compute_dtype": "bfloat16",
+    "model.gradient_checkpointing": True,
+    "lora.r": 64, "lora.alpha": 16.0, "lora.dropout": 0.1, "lora.target_modules": "all-linear",
+    "lora.exclude_modules": ["lm_head"],
+    "train.lr": 2e-4, "train.schedule": "constant", "train.warmup_ratio": 0.03, "train.max_grad_norm": 0.3,
+    "train.optimizer": "paged_adamw", "train.batch_size": 16, "train.weight_decay": 0.0,
+    "train.betas": [0.9, 0.999], "train.epochs": 3.0, "train.bf16": True, "train.length_grouped": True,
+    "train.eval_every": 50, "data.task": "gsm8k", "data.max_length": 512, "data.loss_on": "assistant",
+    "generate.num_beams": 1, "generate.no_repeat_ngram_size": 0, "generate.max_new_tokens": 256,
+    "generate.batch_size": 32,
+}
+QLORA_LARGE = {**QLORA_PAPER, "name": "qlora-large-gsm8k", "lora.dropout": 0.05, "train.lr": 1e-4}
+QLORA_GUANACO = {  # the paper's Guanaco run: OASST1, best-ranked paths, 1875 steps of 16 (needs network)
+    **QLORA_PAPER, "name": "qlora-guanaco", "data.task": "oasst_best",
+    "data.train_file": "OpenAssistant/oasst1:train", "data.eval_file": "OpenAssistant/oasst1:validation",
+    "train.max_steps": 1875, "train.eval_every": 200,
+}
+INSTRUCT_CPU = {
+    # SmolLM2-135M-Instruct on GSM8K, fp32 on CPU. Measured on this 2-core box (shared, load ~8):
+    # one step of 4 x 128 tokens costs ~20 CPU-s and 4 x 256 ~40 CPU-s, i.e. ~10 s / ~20 s wall on 2 free
+    # cores. 24 steps of 4 x <=192 tokens is therefore ~4-6 minutes of training; the evaluation
+    # (held-out loss, 16 GSM8K problems and 4 prompts decoded for base and fine-tuned) adds ~2 minutes.
+    "experiment": "instruct", "name": "instruct-cpu-gsm8k", "model.name": "smollm2-135m",
+    "model.quantize": "none", "model.compute_dtype": "float32",
+    "lora.r": 16, "lora.alpha": 32.0, "lora.dropout": 0.05, "lora.target_modules": "all-linear",
+    "lora.exclude_modules": ["lm_head"],
+    "train.lr": 1e-3, "train.schedule": "constant", "train.warmup_ratio": 0.03, "train.max_grad_norm": 0.3,
+    "train.optimizer": "adamw", "train.batch_size": 4, "train.max_steps": 24, "train.eval_every": 0,
+    "train.length_grouped": False, "train.log_every": 4,
+    "data.task": "gsm8k", "data.max_length": 192, "data.eval_samples": 16, "data.loss_on": "assistant",
+    "generate.num_beams": 1, "generate.no_repeat_ngram_size": 0, "generate.max_new_tokens": 128,
+    "generate.batch_size": 8,
+}
+INSTRUCT_CPU_NF4 = {  # the same run as QLoRA on CPU: NF4 + double quant base, float32 compute
+    **INSTRUCT_CPU, "name": "instruct-cpu-nf4-gsm8k", "model.quantize": "nf4", "model.double_quant": True,
+}
+
+
+QUICKSTART_SYSTEM_PROMPT = "Solve the math problem step by step."
+QUICKSTART = {
+    # `loralab quickstart`: QLoRA of SmolLM2-135M-Instruct on the shipped GSM8K problems, sized by
+    # measurement on the shared 2-core CPU box: one step of 4 x ~300 tokens costs ~45 CPU-seconds
+    # (~100 s wall at load 9, ~25 s on 2 free cores), so 12 steps are ~5 min of training on a quiet
+    # machine. NF4 + double-quantized frozen base, float32 compute (no fast bf16 matmuls on this CPU).
+    # Gradient checkpointing is off here: it costs ~30% more compute and at 4 x 320 tokens the peak is
+    # the logits, not the layer activations (model.gradient_checkpointing=true works, see
+    # bench/instruct_resources.py). LoRA on every linear layer but the head learns the answer format
+    # within a dozen steps. lr 1e-3 (alpha/r = 2) with clipping at 0.3.
+    # A one-line system prompt instead of SmolLM's default saves ~15 tokens per example; at
+    # max_length 320 about 6% of the GSM8K conversations lose their final "#### N" line.
+    "experiment": "instruct", "name": "quickstart-qlora-gsm8k", "model.name": "smollm2-135m",
+    "model.quantize": "nf4", "model.double_quant": True, "model.compute_dtype": "float32",
+    "model.gradient_checkpointing": False,
+    "lora.r": 16, "lora.alpha": 32.0, "lora.dropout": 0.05, "lora.target_modules": "all-linear",
+    "lora.exclude_modules": ["lm_head"],
+    "train.lr": 1e-3, "train.schedule": "constant", "train.warmup_steps": 2, "train.max_grad_norm": 0.3,
+    "train.optimizer": "adamw", "train.batch_size": 4, "train.max_steps": 12, "train.eval_every": 0,
+    "train.length_grouped": True, "train.log_every": 5,
+    "data.task": "gsm8k", "data.system_prompt": QUICKSTART_SYSTEM_PROMPT, "data.max_length": 320,
+    "data.eval_samples": 16, "data.loss_on": "assistant",
+    "generate.num_beams": 1, "generate.no_repeat_ngram_size": 0, "generate.max_new_tokens": 192,
+    "generate.batch_size": 16,
+}
+"""Held-out: 16 examples for the loss and the same 16 for greedy exact match (one decoding batch)."""
+
+
+def register_presets() -> None:
+    """Register (or re-register, replacing built-ins such as CONFIG's GLUE quickstart) every preset here."""
+    from loralab.engine.config import register_preset
+
+    for name, overrides in (("qlora", QLORA_PAPER), ("qlora-large", QLORA_LARGE), ("qlora-guanaco", QLORA_GUANACO),
+                            ("instruct-cpu", INSTRUCT_CPU), ("instruct-cpu-nf4", INSTRUCT_CPU_NF4),
+                            ("quickstart", QUICKSTART)):
+        register_preset(name, overrides)
+
+
+
