@@ -25,7 +25,6 @@ parameter with block 64: 4 + 8/64 + 32/(64*256) = 4.127 bits (vs 4.5 bits with p
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -425,80 +424,18 @@ def bits_per_param(packed: torch.Tensor, state: QuantState) -> float:
     return 8.0 * nbytes / state.numel
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def state_to_bnb_dict(state: QuantState) -> dict[str, torch.Tensor]:
-    """bnb's packed serialized layout, keys relative to ``<module>.weight.``.
-
-    absmax, quant_map, [nested_absmax, nested_quant_map,] quant_state.bitsandbytes__<type>: a JSON blob
-    (as a uint8 tensor) with quant_type, blocksize, dtype, shape [, nested_blocksize, nested_dtype,
-    nested_offset].
-    """
-    if state.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"bitsandbytes has no {state.quant_type!r} format; only nf4 and fp4 can be saved")
-    meta: dict = {"quant_type": state.quant_type, "blocksize": state.block_size,
-                  "dtype": _dtype_name(state.dtype), "shape": list(state.shape)}
-    tensors = {"absmax": state.absmax, "quant_map": state.code.clone()}
-    if state.double_quant:
-        tensors["nested_absmax"] = state.nested_absmax
-        tensors["nested_quant_map"] = state.nested_code.clone()
-        meta.update(nested_blocksize=state.nested_block_size, nested_dtype="float32",
-                    nested_offset=float(state.offset.item()))
-    blob = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-    tensors[f"quant_state.bitsandbytes__{state.quant_type}"] = blob
-    return tensors
-
-
-def state_from_bnb_dict(entries: dict[str, torch.Tensor], name: str) -> QuantState:
-    """Inverse of ``state_to_bnb_dict``; ``entries`` keyed relative to ``<name>.``; errors name the tensor."""
-    blobs = [k for k in entries if k.startswith("quant_state.bitsandbytes__")]
-    if len(blobs) != 1:
-        raise ValueError(f"{name}: expected exactly one 'quant_state.bitsandbytes__nf4|fp4' entry, found {blobs}")
-    try:
-        meta = json.loads(bytes(entries[blobs[0]].to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{name}.{blobs[0]}: not a valid JSON quant-state blob ({err})") from err
-    for key in ("quant_type", "blocksize", "dtype", "shape"):
-        if key not in meta:
-            raise ValueError(f"{name}.{blobs[0]}: quant state lacks {key!r}")
-    for key in ("absmax", "quant_map"):
-        if key not in entries:
-            raise ValueError(f"{name}.{key} is missing from the checkpoint (4-bit weight without its scales)")
-    quant_type = meta["quant_type"]
-    if quant_type not in ("nf4", "fp4") or blobs[0] != f"quant_state.bitsandbytes__{quant_type}":
-        raise ValueError(f"{name}: quant_type {quant_type!r} inconsistent with entry {blobs[0]!r}")
-    check_block_size(int(meta["blocksize"]), f"{name} blocksize")
-    state = QuantState(quant_type, int(meta["blocksize"]), tuple(int(d) for d in meta["shape"]),
-                       getattr(torch, meta["dtype"]), entries["absmax"], entries["quant_map"].float())
-    n_blocks = -(-state.numel // state.block_size)
-    if "nested_absmax" in entries or "nested_offset" in meta:
-        for key in ("nested_absmax", "nested_quant_map"):
-            if key not in entries:
-                raise ValueError(f"{name}.{key} is missing but the quant state is double-quantized")
-        if "nested_offset" not in meta:
-            raise ValueError(f"{name}: nested_offset missing from the quant-state blob")
-        state.nested_absmax = entries["nested_absmax"].float()
-        state.nested_code = entries["nested_quant_map"].float()
-        state.nested_block_size = int(meta.get("nested_blocksize", NESTED_BLOCK_SIZE))
-        state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
-        if state.absmax.dtype != torch.uint8:
-            raise ValueError(f"{name}.absmax must be uint8 codes when double-quantized, got {state.absmax.dtype}")
-        want = -(-n_blocks // state.nested_block_size)
-        if state.nested_absmax.numel() != want:
-            raise ValueError(f"{name}.nested_absmax has {state.nested_absmax.numel()} values, expected {want}")
-    if state.absmax.numel() != n_blocks:
-        raise ValueError(f"{name}.absmax has {state.absmax.numel()} values, expected {n_blocks} "
-                         f"(shape {state.shape}, blocksize {state.block_size})")
-    if state.code.numel() != 16:
-        raise ValueError(f"{name}.quant_map must have 16 values, got {state.code.numel()}")
-    return state
-
-
 def check_packed(packed: torch.Tensor, state: QuantState, name: str) -> None:
     """The packed weight must hold exactly ceil(n/2) bytes for the state's shape."""
     want = (state.numel + 1) // 2
     if packed.numel() * packed.element_size() != want:
         raise ValueError(f"{name}: packed 4-bit weight has {packed.numel() * packed.element_size()} bytes, "
                          f"expected {want} for shape {state.shape}")
+
+
+def __getattr__(name: str):
+    """Backwards-compatible access: bnb's serialized state layout now lives in ``loralab.core.quant_io``."""
+    if name in ("state_to_bnb_dict", "state_from_bnb_dict"):
+        from loralab.core import quant_io
+
+        return getattr(quant_io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
