@@ -3,6 +3,7 @@ keep-best and early stopping, length grouping, weight-decay groups."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -186,3 +187,17 @@ def test_run_dir_gets_metrics_and_fit_json(tmp_path):
     assert any("eval/mse" in l for l in lines)
     assert (tmp_path / "fit.json").exists()
     assert res.train_tokens == 24 * 8 - 0 and res.tokens_per_second > 0
+
+
+def test_tensorboard_logging_mirrors_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = fit(toy_model(), toy_task(), ToyTrainConfig(max_steps=6, eval_every=3, tensorboard=True),
+              run_dir=tmp_path, log=lambda *a: None)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    jsonl = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx([r["train/loss"] for r in jsonl if "train/loss" in r], rel=1e-6)
+    assert [e.step for e in acc.Scalars("eval/mse")] == [3, 6] and res.global_step == 6
