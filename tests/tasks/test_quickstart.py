@@ -113,3 +113,30 @@ def test_gradient_checkpointing_through_4bit_lora_gives_the_same_gradients():
     for name in grads[0]:
         assert grads[0][name].abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_resource_bench_quick_json(tmp_path, monkeypatch):
+    """bench/instruct_resources.py --quick: every variant's keys, and the full-FT estimate's arithmetic.
+    (Variants run in-process here; the script itself runs each in a fresh subprocess.)"""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "instruct_resources.py"
+    spec = importlib.util.spec_from_file_location("instruct_resources", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "_run_variant", lambda name, overrides, steps: bench.worker(overrides, steps))
+    out = tmp_path / "quick.json"
+    assert bench.main(["--quick", "--out", str(out), "--run-dir", str(tmp_path / "run")]) == 0
+    table = json.loads(out.read_text())
+    assert set(table["variants"]) == {"qlora_gc", "qlora", "lora_fp32", "full_ft_estimate"}
+    for name in ("qlora_gc", "qlora", "lora_fp32"):
+        v = table["variants"][name]
+        assert {"peak_rss_mb", "rss_after_build_mb", "train_peak_extra_mb", "step_seconds", "losses",
+                "trainable_params", "packed_4bit_bytes"} <= set(v)
+        assert len(v["losses"]) == 2 and v["peak_rss_mb"] > 0
+        assert (v["packed_4bit_bytes"] > 0) == name.startswith("qlora")  # the QLoRA rows really are 4-bit
+    lora, est = table["variants"]["lora_fp32"], table["variants"]["full_ft_estimate"]
+    n = lora["base_params_unquantized"]
+    assert est["peak_rss_mb"] == pytest.approx(lora["rss_after_build_mb"] + n * 12 / 2**20 + lora["train_peak_extra_mb"])
+    assert (tmp_path / "run" / "resources.md").read_text().startswith("| variant |")

@@ -224,6 +224,10 @@ def report(cfg: Any, model: nn.Module, tokenizer: Any, run_dir: str | Path | Non
                                           qs.train_loss_curve(run_dir))
     if run_dir is not None:
         (Path(run_dir) / "summary.txt").write_text(result["summary"] + "\n")
+        row = {"variant": f"{cfg.lora.method} ({cfg.model.quantize}, gradient checkpointing "
+                          f"{'on' if cfg.model.gradient_checkpointing else 'off'})", **resources,
+               "memory_by_role_mb": {k: v / 2**20 for k, v in result["memory"]["by_role"].items()}}
+        (Path(run_dir) / "resources.json").write_text(json.dumps(row, indent=2) + "\n")
     print(result["summary"], flush=True)
     return result
 
