@@ -324,3 +324,26 @@ def test_merge_model_over_qlora_llama():
     assert sum(type(m) is nn.Linear for m in model.modules()) == 1 + 4  # lm_head + merged q/v
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_dequantize_is_bit_identical_and_released():
+    from loralab.core.linear4bit import Linear4bit, cached_dequantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    model = nn.Sequential(*(Linear4bit.from_linear(m) if isinstance(m, nn.Linear) else m for m in model))
+    x = torch.randn(5, 64)
+    expected = model(x)
+    calls = []
+    original = Linear4bit.dequantize
+    Linear4bit.dequantize = lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1]
+    try:
+        with cached_dequantize(model):
+            first, second = model(x), model(x)
+        assert len(calls) == 2  # one rebuild per layer for the whole block, not per call
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+        assert all(getattr(m, "_weight_cache", None) is None for m in model)
+        model(x)
+        assert len(calls) == 4  # outside the block: rebuilt on every call again
+    finally:
+        Linear4bit.dequantize = original

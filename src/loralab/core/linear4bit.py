@@ -18,6 +18,9 @@ load_quantized, load_quantized_from_safetensors, load_model_4bit, empty_init) li
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -104,7 +107,11 @@ class Linear4bit(nn.Module):
         return Q.bits_per_param(self.weight, self.quant_state())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Dequantized4bitMatmul.apply(x, self)
+        cached = getattr(self, "_weight_cache", None)
+        if cached is not None:  # inside cached_dequantize(): the same arithmetic, minus the rebuild
+            y = (x.to(cached.dtype) @ cached.T).to(x.dtype)
+        else:
+            y = _Dequantized4bitMatmul.apply(x, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -269,3 +276,22 @@ def __getattr__(name: str):
 
         return getattr(quant_io, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@contextmanager
+def cached_dequantize(model: nn.Module) -> Iterator[nn.Module]:
+    """Dequantize every Linear4bit of ``model`` once and reuse the weights until the block ends.
+
+    Generation calls each layer once per new token; rebuilding the weight from 4 bits each time costs
+    more than the matmul. Inside this block the outputs are bit-identical (same dequantized weight, same
+    ops), but the full-precision weights are held in memory (4 bytes per parameter in fp32): use it for
+    evaluation and decoding of models whose dequantized weights fit, never around training steps.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    try:
+        for layer in layers:
+            layer._weight_cache = layer.dequantize().detach()
+        yield model
+    finally:
+        for layer in layers:
+            layer._weight_cache = None

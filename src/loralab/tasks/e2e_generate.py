@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from loralab.core.linear4bit import cached_dequantize
 from loralab.tasks.e2e_data import eos_id, prompt_ids
 
 PAPER_ROW = {"BLEU": 70.4, "NIST": 8.85, "METEOR": 46.8, "ROUGE_L": 71.8, "CIDEr": 2.53}
@@ -60,16 +61,17 @@ def generate_outputs(model: nn.Module, tokenizer: Any, mrs: Sequence[str], gen: 
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), gen.batch_size):
-            idx = order[start:start + gen.batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
-                                device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            for i, row in zip(idx, out[:, width:].tolist()):
-                stop = row.index(eos) if eos in row else len(row)
-                outputs[i] = clean_output(tokenizer.decode(row[:stop], skip_special_tokens=True))
+        with cached_dequantize(model):  # 4-bit bases: dequantize once, not once per new token
+            for start in range(0, len(order), gen.batch_size):
+                idx = order[start:start + gen.batch_size]
+                width = max(len(prompts[i]) for i in idx)
+                ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+                mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
+                                    device=device)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                for i, row in zip(idx, out[:, width:].tolist()):
+                    stop = row.index(eos) if eos in row else len(row)
+                    outputs[i] = clean_output(tokenizer.decode(row[:stop], skip_special_tokens=True))
     finally:
         model.train(was_training)
     return [o if o is not None else "" for o in outputs]

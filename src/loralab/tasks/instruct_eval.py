@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from loralab.core.linear4bit import cached_dequantize
 from loralab.tasks.instruct import (Conversation, end_of_turn_ids, forward_logits, heldout_loss, render_ids,
                                     resolve_chat_template)
 
@@ -90,9 +91,10 @@ def compare_heldout_loss(model: nn.Module, examples: Sequence[dict], collate, ba
     """Assistant-token loss and perplexity of the fine-tuned model and of its base (adapters off)."""
     from loralab.core.inject import disable_adapters
 
-    tuned = heldout_loss(model, examples, collate, batch_size)
-    with disable_adapters(model):
-        base = heldout_loss(model, examples, collate, batch_size)
+    with cached_dequantize(model):
+        tuned = heldout_loss(model, examples, collate, batch_size)
+        with disable_adapters(model):
+            base = heldout_loss(model, examples, collate, batch_size)
     return {"finetuned_loss": tuned["eval_loss"], "finetuned_ppl": tuned["eval_ppl"],
             "base_loss": base["eval_loss"], "base_ppl": base["eval_ppl"], "tokens": tuned["eval_tokens"]}
 
@@ -131,18 +133,28 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conve
     model.eval()
     replies: list[list[int]] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            rows = [render_ids(tokenizer, _as_conversation(p, system_prompt), template, add_generation_prompt=True)
-                    for p in prompts[start: start + batch_size]]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            for row in out[:, width:].tolist():
-                stop = next((i for i, t in enumerate(row) if t in eos), len(row))
-                replies.append(row[:stop])
+        with cached_dequantize(model):  # 4-bit bases: dequantize once per call, not once per new token
+            replies = _generate_batches(model, tokenizer, prompts, batch_size, system_prompt, template, pad_id,
+                                        eos, config, device)
     finally:
         model.train(was_training)
+    return replies
+
+
+def _generate_batches(model, tokenizer, prompts, batch_size, system_prompt, template, pad_id, eos, config,
+                      device) -> list[list[int]]:
+    """Greedy decoding, batch by batch, with left padding; cut at the first end-of-turn token."""
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [render_ids(tokenizer, _as_conversation(p, system_prompt), template, add_generation_prompt=True)
+                for p in prompts[start: start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in out[:, width:].tolist():
+            stop = next((i for i, t in enumerate(row) if t in eos), len(row))
+            replies.append(row[:stop])
     return replies
 
 
