@@ -461,7 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     try:
-        return args.func(args)
+        code = args.func(args)
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group cleanly
+            from loralab.engine.distributed import shutdown
+
+            shutdown()
+        return code
     except (ConfigError, UsageError) as err:
         print(f"loralab {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -93,3 +93,4 @@ if __name__ == "__main__":
     if distributed.is_main():
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, args.out)
         print("STATUS", result.status, result.global_step)
+    distributed.shutdown()

@@ -90,3 +90,11 @@ def sum_scalar(value: float) -> float:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (every rank waits for the others first); a rank exiting with
+    gloo's threads still running aborts with "terminate called without an active exception"."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
