@@ -147,6 +147,20 @@ class LoraLayer(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != name]
         self._refresh()
 
+    def reset_lora_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
+        """A ~ kaiming-uniform(a=sqrt(5)) or N(0, 1/r); B = 0. ``False`` leaves both random (not a no-op).
+
+        The init of Linear and Conv2d adapters; LoraEmbedding overrides it (A = 0, B ~ N(0, 1))."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(A, std=1.0 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(B)
+
     # -- merge ------------------------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None) -> None:
         """W0 <- W0 + scaling * delta for each adapter (default: the active ones), in place."""
@@ -207,17 +221,6 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, d * k, bias=False, device=device, dtype=dtype)
         self.enable[name] = list(enable) if enable is not None else None
 
-    def reset_lora_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
-        """A ~ kaiming-uniform(a=sqrt(5)) or N(0, 1/r); B = 0. ``False`` leaves both random (not a no-op)."""
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(A, std=1.0 / self.r[name])
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(B)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)

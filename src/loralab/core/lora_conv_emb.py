@@ -12,7 +12,6 @@ Embedding (as PEFT): y = E0[x] + scaling * (A^T)[x] B^T
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -47,16 +46,6 @@ class LoraConv2d(LoraLayer):
         )
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, **kw)
 
-    def reset_lora_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(A, std=1.0 / self.r[name])
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(B)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight

@@ -228,3 +228,14 @@ def load_model(name: str, kind: ModelKind = "causal_lm", num_labels: int | None 
     model.loralab_load_info = {"source": str(path), **check_loading_info(info, kind, str(path))}
     return model
 
+
+
+def load_from_config(model_cfg: Any, kind: ModelKind = "causal_lm", num_labels: int | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer as a ``ModelConfig`` section asks: its dtype, 4-bit quantization
+    (quantize / double_quant / compute_dtype) and trust_remote_code. Every experiment loads through here."""
+    quant = {} if model_cfg.quantize == "none" else {
+        "quantize": model_cfg.quantize, "double_quant": model_cfg.double_quant,
+        "compute_dtype": getattr(torch, model_cfg.compute_dtype)}
+    model = load_model(model_cfg.name, kind=kind, num_labels=num_labels, dtype=getattr(torch, model_cfg.dtype),
+                       trust_remote_code=model_cfg.trust_remote_code, **quant)
+    return model, load_tokenizer(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)

@@ -92,14 +92,9 @@ def apply_method(model: nn.Module, cfg: Any) -> dict[str, Any]:
 
 
 def load_model_and_tokenizer(cfg: Any) -> tuple[nn.Module, Any]:
-    from loralab.models.zoo import load_model, load_tokenizer
+    from loralab.models.zoo import load_from_config
 
-    quant = {} if cfg.model.quantize == "none" else {
-        "quantize": cfg.model.quantize, "double_quant": cfg.model.double_quant,
-        "compute_dtype": getattr(torch, cfg.model.compute_dtype)}
-    model = load_model(cfg.model.name, kind="causal_lm", dtype=getattr(torch, cfg.model.dtype),
-                       trust_remote_code=cfg.model.trust_remote_code, **quant)
-    return model, load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    return load_from_config(cfg.model, kind="causal_lm")
 
 
 def make_task_spec(tokenizer: Any, train_rows: list, eval_rows: list, max_length: int,

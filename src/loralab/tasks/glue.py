@@ -197,16 +197,12 @@ def load_task_data(cfg: Any, task: GlueTask, with_train: bool = True) -> tuple[l
 
 def load_model_and_tokenizer(cfg: Any, num_labels: int) -> tuple[nn.Module, Any]:
     """The encoder with a fresh ``num_labels``-way head (1: regression) and its tokenizer."""
-    from loralab.models.zoo import load_model, load_tokenizer
+    from loralab.models.zoo import load_from_config
 
-    quant = {} if cfg.model.quantize == "none" else {
-        "quantize": cfg.model.quantize, "double_quant": cfg.model.double_quant,
-        "compute_dtype": getattr(torch, cfg.model.compute_dtype)}
-    model = load_model(cfg.model.name, kind="seq_cls", num_labels=num_labels, dtype=getattr(torch, cfg.model.dtype),
-                       trust_remote_code=cfg.model.trust_remote_code, **quant)
+    model, tokenizer = load_from_config(cfg.model, kind="seq_cls", num_labels=num_labels)
     if num_labels == 1:
         model.config.problem_type = "regression"
-    return model, load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    return model, tokenizer
 
 
 def build(cfg: Any) -> tuple[nn.Module, TaskSpec, Any]:

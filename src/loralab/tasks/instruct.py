@@ -85,14 +85,9 @@ def load_split_records(cfg: Any) -> tuple[list[dict], list[dict], str, str]:
 
 
 def load_model_and_tokenizer(cfg: Any) -> tuple[nn.Module, Any]:
-    from loralab.models.zoo import load_model, load_tokenizer
+    from loralab.models.zoo import load_from_config
 
-    quant = {} if cfg.model.quantize == "none" else {
-        "quantize": cfg.model.quantize, "double_quant": cfg.model.double_quant,
-        "compute_dtype": getattr(torch, cfg.model.compute_dtype)}
-    model = load_model(cfg.model.name, kind="causal_lm", dtype=getattr(torch, cfg.model.dtype),
-                       trust_remote_code=cfg.model.trust_remote_code, **quant)
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_from_config(cfg.model, kind="causal_lm")
     if cfg.model.gradient_checkpointing:
         # non-reentrant: gradients reach the LoRA weights although the embeddings' output needs no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
