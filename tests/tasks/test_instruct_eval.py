@@ -138,6 +138,23 @@ def test_batched_left_padded_generation_matches_one_by_one(setup):
                                                                  for g in got]
 
 
+def test_progress_bars_count_every_step_and_change_nothing(setup, capsys):
+    tok, exs, base, model, collate = setup
+    tuned = random_adapter(model)
+    prompts = E.STUDY_PROMPTS[:3]
+    quiet = E.generate_ids(tuned, tok, prompts, max_new_tokens=6, batch_size=2)
+    capsys.readouterr()
+    shown = E.generate_ids(tuned, tok, prompts, max_new_tokens=6, batch_size=2, progress="GSM8K (fine-tuned)")
+    err = capsys.readouterr().err
+    assert shown == quiet
+    assert "GSM8K (fine-tuned)" in err and "12/12" in err  # 2 batches x 6 steps, counted to the end
+    loss = E.compare_heldout_loss(tuned, exs, collate, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    steps = 2 * -(-len(exs) // 2)  # batches of 2, fine-tuned then base
+    assert "held-out loss" in err and f"{steps}/{steps}" in err
+    assert loss == E.compare_heldout_loss(tuned, exs, collate, batch_size=2)
+
+
 def test_side_by_side_base_column_is_the_base_model(setup):
     tok, exs, base, model, collate = setup
     tuned = random_adapter(model, seed=1, scale=0.5)

@@ -186,10 +186,12 @@ def report(cfg: Any, model: nn.Module, tokenizer: Any, run_dir: str | Path | Non
               "system_prompt": cfg.data.system_prompt}
     # the study's short prompts need no long answers; a cap keeps them from dominating eval time
     study_kw = {**gen_kw, "max_new_tokens": min(STUDY_MAX_NEW_TOKENS, cfg.generate.max_new_tokens)}
+    show = not cfg.train.quiet  # progress bars for every scoring pass (stderr)
+    study_kw["progress"] = show
     adapter = cfg.lora.method == "lora" and not base_only
     if adapter:  # the guard runs before any scoring: a zero or detached adapter is an error, not a result
         result["adapter_check"] = ev.assert_adapter_present(model, collate(held[:4]))
-        result["heldout"] = ev.compare_heldout_loss(model, held, collate, max(8, cfg.train.batch_size))
+        result["heldout"] = ev.compare_heldout_loss(model, held, collate, max(8, cfg.train.batch_size), show)
         result["generations"] = ev.side_by_side(model, tokenizer, ev.STUDY_PROMPTS, **study_kw)
     else:
         from loralab.core.inject import disable_adapters, lora_modules
@@ -201,12 +203,15 @@ def report(cfg: Any, model: nn.Module, tokenizer: Any, run_dir: str | Path | Non
                                      zip(ev.STUDY_PROMPTS, ev.generate(model, tokenizer, ev.STUDY_PROMPTS, **study_kw))]
     if cfg.data.task == "gsm8k":
         problems = held_recs
-        result["gsm8k"] = {"finetuned": ev.gsm8k_exact_match(model, tokenizer, problems, **gen_kw)}
+        label = "GSM8K (fine-tuned)" if adapter else "GSM8K"
+        result["gsm8k"] = {"finetuned": ev.gsm8k_exact_match(model, tokenizer, problems, **gen_kw,
+                                                             progress=show and label)}
         if adapter:
             from loralab.core.inject import disable_adapters
 
             with disable_adapters(model):
-                result["gsm8k"]["base"] = ev.gsm8k_exact_match(model, tokenizer, problems, **gen_kw)
+                result["gsm8k"]["base"] = ev.gsm8k_exact_match(model, tokenizer, problems, **gen_kw,
+                                                               progress=show and "GSM8K (base)")
     result["judge"] = _judge(result["generations"])
     resources["eval_seconds"] = time.time() - resources.pop("measured_at")
     result["train_data"] = getattr(model, "loralab_data_stats", None)

@@ -12,11 +12,15 @@ the adapters off must change the logits of a real batch. Only then do we score:
   as decimals after dropping "$", thousands commas and trailing zeros ("$1,000.00" == "1000");
 * side-by-side generations, base vs fine-tuned, for a prompt list (greedy, chat template with the
   generation prompt, batched with left padding).
+
+Each scoring call takes ``progress=True`` for a tqdm bar on stderr (held-out batches; decoding steps,
+counted as ``batches x max_new_tokens``, the most it can take, so the bar may end early at end of turn).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from decimal import Decimal, InvalidOperation
 from typing import Any, Sequence
 
@@ -29,6 +33,15 @@ from loralab.tasks.instruct import (Conversation, end_of_turn_ids, forward_logit
 
 STUDY_PROMPTS = ["What is a cat?", "What is 9+3?", "What is the secret word?",
                  "Please reverse the words in the sentence \"I'm a cool dude in a mocha mood.\""]
+
+
+def progress_bar(desc: str, total: int, enabled: bool):
+    """A tqdm bar on stderr, or None when ``enabled`` is false."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 class AdapterNotPresentError(RuntimeError):
@@ -87,14 +100,19 @@ def assert_adapter_present(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
 # ----------------------------------------------------------------------------- held-out loss
 
 
-def compare_heldout_loss(model: nn.Module, examples: Sequence[dict], collate, batch_size: int = 8) -> dict:
+def compare_heldout_loss(model: nn.Module, examples: Sequence[dict], collate, batch_size: int = 8,
+                         progress: bool = False) -> dict:
     """Assistant-token loss and perplexity of the fine-tuned model and of its base (adapters off)."""
     from loralab.core.inject import disable_adapters
 
+    n_batches = -(-len(examples) // batch_size)
     with cached_dequantize(model):
-        tuned = heldout_loss(model, examples, collate, batch_size)
+        bar = progress_bar("held-out loss (fine-tuned, base)", 2 * n_batches, progress)
+        tuned = heldout_loss(model, examples, collate, batch_size, bar)
         with disable_adapters(model):
-            base = heldout_loss(model, examples, collate, batch_size)
+            base = heldout_loss(model, examples, collate, batch_size, bar)
+        if bar is not None:
+            bar.close()
     return {"finetuned_loss": tuned["eval_loss"], "finetuned_ppl": tuned["eval_ppl"],
             "base_loss": base["eval_loss"], "base_ppl": base["eval_ppl"], "tokens": tuned["eval_tokens"]}
 
@@ -110,17 +128,20 @@ def _as_conversation(prompt: str | Conversation, system_prompt: str | None) -> C
 
 
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conversation], max_new_tokens: int = 128,
-             batch_size: int = 8, system_prompt: str | None = None, chat_template: str | None = "auto") -> list[str]:
+             batch_size: int = 8, system_prompt: str | None = None, chat_template: str | None = "auto",
+             progress: bool | str = False) -> list[str]:
     """Greedy replies to user prompts (or conversations), batched with left padding."""
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, system_prompt, chat_template)
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, system_prompt, chat_template,
+                       progress)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conversation], max_new_tokens: int = 128,
                  batch_size: int = 8, system_prompt: str | None = None,
-                 chat_template: str | None = "auto") -> list[list[int]]:
-    """Greedy new token ids per prompt, cut before the first end-of-turn token."""
+                 chat_template: str | None = "auto", progress: bool | str = False) -> list[list[int]]:
+    """Greedy new token ids per prompt, cut before the first end-of-turn token (``progress``: a bar,
+    labelled with the string if one is given)."""
     from transformers import GenerationConfig
 
     template = resolve_chat_template(tokenizer, chat_template)
@@ -132,26 +153,44 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conve
     was_training = model.training
     model.eval()
     replies: list[list[int]] = []
+    n_batches = -(-len(prompts) // batch_size)
+    bar = progress_bar(progress if isinstance(progress, str) else "decode", n_batches * max_new_tokens,
+                       bool(progress))
     try:
         with cached_dequantize(model):  # 4-bit bases: dequantize once per call, not once per new token
             replies = _generate_batches(model, tokenizer, prompts, batch_size, system_prompt, template, pad_id,
-                                        eos, config, device)
+                                        eos, config, device, bar)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return replies
 
 
 def _generate_batches(model, tokenizer, prompts, batch_size, system_prompt, template, pad_id, eos, config,
-                      device) -> list[list[int]]:
+                      device, bar=None) -> list[list[int]]:
     """Greedy decoding, batch by batch, with left padding; cut at the first end-of-turn token."""
     replies: list[list[int]] = []
+    criteria = None
+    if bar is not None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Tick(StoppingCriteria):  # called once per decoding step; never stops anything
+            def __call__(self, input_ids, scores, **kwargs):
+                bar.update(1)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        criteria = StoppingCriteriaList([_Tick()])
     for start in range(0, len(prompts), batch_size):
         rows = [render_ids(tokenizer, _as_conversation(p, system_prompt), template, add_generation_prompt=True)
                 for p in prompts[start: start + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             stopping_criteria=criteria)
+        if bar is not None:  # a batch that ended early at end of turn: count its unused steps as done
+            bar.update(config.max_new_tokens - (out.shape[1] - width))
         for row in out[:, width:].tolist():
             stop = next((i for i, t in enumerate(row) if t in eos), len(row))
             replies.append(row[:stop])
@@ -162,9 +201,10 @@ def side_by_side(model: nn.Module, tokenizer: Any, prompts: Sequence[str] = STUD
     """[{"prompt", "base", "finetuned"}] for each prompt (base = adapters disabled)."""
     from loralab.core.inject import disable_adapters
 
-    tuned = generate(model, tokenizer, prompts, **kw)
+    label = kw.pop("progress", False)
+    tuned = generate(model, tokenizer, prompts, **kw, progress=label and "prompts (fine-tuned)")
     with disable_adapters(model):
-        base = generate(model, tokenizer, prompts, **kw)
+        base = generate(model, tokenizer, prompts, **kw, progress=label and "prompts (base)")
     return [{"prompt": p, "base": b, "finetuned": t} for p, b, t in zip(prompts, base, tuned)]
 
 

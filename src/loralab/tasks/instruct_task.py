@@ -8,7 +8,7 @@ causal mask so packed examples never attend to each other (see :mod:`loralab.tas
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +68,10 @@ def token_loss_sum(model: nn.Module, batch: Batch, label_smoothing: float = 0.0)
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, examples: Sequence[dict], collate, batch_size: int = 8) -> dict[str, float]:
-    """Token-weighted mean assistant-token loss and perplexity exp(loss) over ``examples``."""
+def heldout_loss(model: nn.Module, examples: Sequence[dict], collate, batch_size: int = 8,
+                 bar: Any = None) -> dict[str, float]:
+    """Token-weighted mean assistant-token loss and perplexity exp(loss) over ``examples`` (``bar``: an
+    optional progress bar, advanced once per batch)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -78,6 +80,8 @@ def heldout_loss(model: nn.Module, examples: Sequence[dict], collate, batch_size
         batch = {k: v.to(device) for k, v in collate(list(examples[start: start + batch_size])).items()}
         loss, n = token_loss_sum(model, batch)
         total, count = total + float(loss), count + n
+        if bar is not None:
+            bar.update(1)
     model.train(was_training)
     if count == 0:
         raise ValueError("no held-out tokens to score (all labels are -100)")
