@@ -8,12 +8,19 @@ Models (random init, fed ``inputs_embeds`` so the vocabulary does not matter):
              PEFT cannot slice a fused projection, so PEFT adapts the whole c_attn (r=8, fan_in_fan_out):
              a slightly different update with the same matmul shapes on the A side.
 Variants (all in the same process, each run once per round in rotating order, so every round pairs them
-under the same machine load):
-  floor      frozen base, forward + backward with inputs_embeds.requires_grad: the gradient flows
+under the same machine load). floor, lora_*, base, unmerged and merged use ONE model instance: adapters
+disabled, active, or merged in place (merge and unmerge are not timed), so they share weights and memory
+and differ only by the LoRA branch:
+  floor      adapters disabled, forward + backward with inputs_embeds.requires_grad: the gradient flows
              through every activation, as LoRA training needs, and nothing else is computed.
   lora_p0/p01  loralab adapter (dropout 0 / 0.1), forward + backward (grads of A, B).
   peft_p0/p01  PEFT 0.21 LoraModel with the same rank/targets, forward + backward.
-  base / unmerged / merged  inference (no_grad) of the base, loralab unmerged, loralab merged.
+  base / unmerged / merged  inference (no_grad, eval mode): adapters disabled, adapter p0 unmerged, p0
+             merged; one forward pass per call, timed after all training rounds in 2 x rounds rotating
+             groups, so each pair of calls sits a fraction of a second apart.
+  floor_copy / base_copy  the floor and base computations on a separate, untouched copy of the base
+             model: controls. Their ratios to floor / base (``control_*``) differ from 1 only by noise and
+             memory placement, and say how far any other ratio can be trusted.
 Ratios are medians over rounds of per-round ratios, for wall time (the headline keys) and for process CPU
 time (``cpu_time``: less sensitive to other jobs on a shared machine). OMP_WAIT_POLICY defaults to PASSIVE
 here so that, on an oversubscribed machine, idle OpenMP threads sleep instead of spinning.
@@ -36,7 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the torch im
 import torch  # noqa: E402
 
 from loralab.core.config import LoraConfig  # noqa: E402
-from loralab.core.inject import inject_adapter, merge_adapters, set_adapter, unmerge_adapters
+from loralab.core.inject import disable_adapters, inject_adapter, merge_adapters, set_adapter, unmerge_adapters
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora_overhead.json"
 
@@ -61,23 +68,32 @@ def build(kind: str):
 
 
 def variants(kind: str, batch: int, seq: int) -> dict:
+    """name -> (setup, timed body, teardown). Floor, base, unmerged and merged all run on ONE model instance
+    (``ours``: adapters disabled / active / merged in place), so the ratios compare the same weights in the
+    same memory and differ only by the LoRA branch; ``*_copy`` run the same base computation on a
+    separate, untouched copy of the base model -- a control whose ratio shows the noise of the machine."""
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
 
-    base, ours_kw, peft_kw, width = build(kind)
-    ours = copy.deepcopy(base)
+    base_copy, ours_kw, peft_kw, width = build(kind)
+    ours = copy.deepcopy(base_copy)
     for p in (0.0, 0.1):
         inject_adapter(ours, LoraConfig(r=8, lora_alpha=16, lora_dropout=p, **ours_kw), f"p{int(p * 10)}")
-    peft = get_peft_model(copy.deepcopy(base), PeftConfig(r=8, lora_alpha=16, lora_dropout=0.0, **peft_kw), "p0")
+    for layer in ours.modules():  # non-zero B: a trained adapter (B = 0 would make merging a no-op)
+        if hasattr(layer, "lora_B"):
+            for lin in layer.lora_B.values():
+                torch.nn.init.normal_(lin.weight, std=0.02)
+    peft = get_peft_model(copy.deepcopy(base_copy), PeftConfig(r=8, lora_alpha=16, lora_dropout=0.0, **peft_kw),
+                          "p0")
     peft.add_adapter("p1", PeftConfig(r=8, lora_alpha=16, lora_dropout=0.1, **peft_kw))
-    for m in (base, ours, peft):
-        m.train()
     x = torch.randn(batch, seq, width)
     x_grad = x.clone().requires_grad_(True)
 
-    def floor():
-        base(inputs_embeds=x_grad).last_hidden_state.mean().backward()
-        x_grad.grad = None
+    def floor(model):
+        def run():
+            model(inputs_embeds=x_grad).last_hidden_state.mean().backward()
+            x_grad.grad = None
+        return run
 
     def step(model, activate, adapter):
         def run():
@@ -87,36 +103,45 @@ def variants(kind: str, batch: int, seq: int) -> dict:
                 p.grad = None
         return run
 
-    def infer(model, before=None, after=None):
+    def infer(model):
         def run():
-            if before:
-                before(model)
-            model.eval()
             with torch.no_grad():
                 model(inputs_embeds=x)
-            model.train()
-            if after:
-                after(model)
         return run
 
     def peft_activate(m, name):
         m.base_model.set_adapter(name)
 
     return {
-        "floor": floor,
-        "lora_p0": step(ours, set_adapter, "p0"),
-        "lora_p01": step(ours, set_adapter, "p1"),
-        "peft_p0": step(peft, peft_activate, "p0"),
-        "peft_p01": step(peft, peft_activate, "p1"),
-        "base": infer(base),
-        "unmerged": infer(ours),
-        # merge/unmerge happen outside the timed region (see timed())
-        "merged": infer(ours),
-    }, ours
+        "floor": (lambda: (ours.train(), _enter(ours)), floor(ours), _exit),
+        "floor_copy": (base_copy.train, floor(base_copy), None),
+        "lora_p0": (ours.train, step(ours, set_adapter, "p0"), None),
+        "lora_p01": (ours.train, step(ours, set_adapter, "p1"), None),
+        "peft_p0": (peft.train, step(peft, peft_activate, "p0"), None),
+        "peft_p01": (peft.train, step(peft, peft_activate, "p1"), None),
+        "base": (lambda: (ours.eval(), _enter(ours)), infer(ours), _exit),
+        "base_copy": (base_copy.eval, infer(base_copy), None),
+        "unmerged": (lambda: (ours.eval(), set_adapter(ours, "p0")), infer(ours), None),
+        "merged": (lambda: (ours.eval(), set_adapter(ours, "p0"), merge_adapters(ours)), infer(ours),
+                   lambda: unmerge_adapters(ours)),
+    }
 
 
-def timed(fn, setup=None, teardown=None) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call; setup/teardown are not timed."""
+_OPEN: list = []  # the disable_adapters context entered by a setup, closed by its teardown
+
+
+def _enter(model) -> None:
+    ctx = disable_adapters(model)
+    ctx.__enter__()
+    _OPEN.append(ctx)
+
+
+def _exit() -> None:
+    _OPEN.pop().__exit__(None, None, None)
+
+
+def timed(setup, fn, teardown) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of ``fn``; setup and teardown are not timed."""
     if setup:
         setup()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -128,20 +153,24 @@ def timed(fn, setup=None, teardown=None) -> tuple[float, float]:
 
 
 def run(kind: str, batch: int, seq: int, rounds: int) -> dict:
-    fns, ours = variants(kind, batch, seq)
-    names = list(fns)
-    hooks = {"merged": (lambda: (set_adapter(ours, "p0"), merge_adapters(ours)), lambda: unmerge_adapters(ours)),
-             "unmerged": (lambda: set_adapter(ours, "p0"), None)}
-    for name in names:  # warmup
-        timed(fns[name], *hooks.get(name, (None, None)))
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(rounds):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for name in order:
-            dt, dc = timed(fns[name], *hooks.get(name, (None, None)))
-            wall[name].append(dt)
-            cpu[name].append(dc)
+    fns = variants(kind, batch, seq)
+    training = [n for n in fns if n not in INFERENCE]
+    wall: dict[str, list[float]] = {n: [] for n in fns}
+    cpu: dict[str, list[float]] = {n: [] for n in fns}
+
+    def measure(group: list[str], n_rounds: int) -> None:
+        for name in group:  # warmup
+            timed(*fns[name])
+        for i in range(n_rounds):  # rotating order, so no variant always runs first
+            for name in group[i % len(group):] + group[:i % len(group)]:
+                dt, dc = timed(*fns[name])
+                wall[name].append(dt)
+                cpu[name].append(dc)
+
+    measure(training, rounds)
+    # inference apart from training, one forward pass per call, the variants back to back: each paired
+    # ratio compares calls made a fraction of a second apart
+    measure(list(INFERENCE), rounds * INFER_REPS)
 
     def ratios(times):
         def ratio(a, b):
@@ -154,11 +183,16 @@ def run(kind: str, batch: int, seq: int, rounds: int) -> dict:
             "median_cpu_s": {n: statistics.median(t) for n, t in cpu.items()}}
 
 
+INFERENCE = ("base", "base_copy", "unmerged", "merged")
+INFER_REPS = 2  # rounds of the inference variants per training round
+
 RATIOS = {
     "lora_p0_over_floor": ("lora_p0", "floor"), "lora_p01_over_floor": ("lora_p01", "floor"),
     "lora_over_peft_p0": ("lora_p0", "peft_p0"), "lora_over_peft_p01": ("lora_p01", "peft_p01"),
     "peft_p0_over_floor": ("peft_p0", "floor"), "peft_p01_over_floor": ("peft_p01", "floor"),
     "unmerged_over_base": ("unmerged", "base"), "merged_over_base": ("merged", "base"),
+    # controls: the same base computation on a separate copy of the model (1 up to machine noise)
+    "control_floor_copy_over_floor": ("floor_copy", "floor"), "control_base_copy_over_base": ("base_copy", "base"),
 }
 
 
@@ -171,15 +205,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shapes = {"encoder": (8, 64), "decoder": (2, 64)} if args.quick else {"encoder": (32, 128), "decoder": (4, 128)}
-    rounds = args.rounds or (3 if args.quick else 7)
-    results = {"threads": args.threads, "quick": args.quick, "torch": torch.__version__,
+    rounds = args.rounds or (3 if args.quick else 15)
+    results = {"threads": args.threads, "quick": args.quick, "inference_rounds": rounds * INFER_REPS,
+               "torch": torch.__version__,
                "machine": f"{platform.machine()} {platform.processor()}".strip()}
     for kind, (batch, seq) in shapes.items():
         results[kind] = run(kind, batch, seq, rounds)
     enc, dec = results["encoder"], results["decoder"]
-    print(f"{'median ratio':<22}{'enc wall':>10}{'enc cpu':>10}{'dec wall':>10}{'dec cpu':>10}")
+    print(f"{'median ratio':<30}{'enc wall':>10}{'enc cpu':>10}{'dec wall':>10}{'dec cpu':>10}")
     for k in RATIOS:
-        print(f"{k:<22}{enc[k]:>10.3f}{enc['cpu_time'][k]:>10.3f}{dec[k]:>10.3f}{dec['cpu_time'][k]:>10.3f}")
+        print(f"{k:<30}{enc[k]:>10.3f}{enc['cpu_time'][k]:>10.3f}{dec[k]:>10.3f}{dec['cpu_time'][k]:>10.3f}")
     for kind in shapes:
         print(kind, "median wall s", {n: round(t, 3) for n, t in results[kind]["median_wall_s"].items()})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

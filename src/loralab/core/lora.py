@@ -318,8 +318,9 @@ def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     n = x.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
     drop = round(p * 65536)
-    keep = words.view(torch.int16)[:n].view(x.shape) >= drop - 32768
-    return keep.to(x.dtype), drop / 65536
+    keep = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # written by the compare directly: no bool pass
+    torch.ge(words.view(torch.int16)[:n].view(x.shape), drop - 32768, out=keep)
+    return keep, drop / 65536
 
 
 class _BasePlusLora(torch.autograd.Function):
