@@ -143,6 +143,41 @@ def test_lora_over_linear4bit_output_and_grads():
     assert layer.base_layer.bias.grad is None
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_lora_over_4bit_takes_the_fused_path_with_exact_grads_and_no_saved_weight(dropout):
+    from loralab.core.lora import LoraLinear, keep_mask
+
+    base = Linear4bit.from_linear(_linear(seed=3), "nf4", double_quant=True)
+    layer = LoraLinear(base)
+    layer.update_layer("default", r=4, lora_alpha=8, lora_dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+    layer.train()
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    assert layer._fast_path_ok(x, (), {})
+    saved = []
+    torch.manual_seed(7)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert max(saved) < base.out_features * base.in_features  # W is rebuilt in backward, never kept
+    g = torch.randn_like(y)
+    y.backward(g)
+    # float64 reference with the same keep mask (the base matmul draws no random numbers)
+    torch.manual_seed(7)
+    keep, p_used = keep_mask(x.detach().reshape(-1, 96), dropout) if dropout else (torch.ones(10, 96), 0.0)
+    W = base.dequantize().double()
+    xd = x.detach().double().requires_grad_(True)
+    A = layer.lora_A["default"].weight.detach().double().requires_grad_(True)
+    B = layer.lora_B["default"].weight.detach().double().requires_grad_(True)
+    x2 = xd.reshape(-1, 96)
+    ref = x2 @ W.T + base.bias.double() + 2.0 / (1 - p_used) * ((x2 * keep.double()) @ A.T) @ B.T
+    ref.backward(g.double().reshape(-1, base.out_features))
+    torch.testing.assert_close(y.double().reshape(-1, base.out_features), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad.double(), A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B["default"].weight.grad.double(), B.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_merges_over_4bit_base():
     layer = _lora_over_4bit(seed=2)
     with pytest.raises(NotImplementedError, match="quantized base"):
@@ -326,7 +361,8 @@ def test_merge_model_over_qlora_llama():
         torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
-def test_cached_dequantize_is_bit_identical_and_released():
+def test_cached_dequantize_is_bit_identical_and_released(monkeypatch):
+    from loralab.core import quant as Q
     from loralab.core.linear4bit import Linear4bit, cached_dequantize
 
     torch.manual_seed(0)
@@ -335,15 +371,12 @@ def test_cached_dequantize_is_bit_identical_and_released():
     x = torch.randn(5, 64)
     expected = model(x)
     calls = []
-    original = Linear4bit.dequantize
-    Linear4bit.dequantize = lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1]
-    try:
-        with cached_dequantize(model):
-            first, second = model(x), model(x)
-        assert len(calls) == 2  # one rebuild per layer for the whole block, not per call
-        assert torch.equal(first, expected) and torch.equal(second, expected)
-        assert all(getattr(m, "_weight_cache", None) is None for m in model)
-        model(x)
-        assert len(calls) == 4  # outside the block: rebuilt on every call again
-    finally:
-        Linear4bit.dequantize = original
+    original = Q.dequantize_4bit
+    monkeypatch.setattr(Q, "dequantize_4bit", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    with cached_dequantize(model):
+        first, second = model(x), model(x)
+    assert len(calls) == 2  # one rebuild per layer for the whole block, not per call
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert all(getattr(m, "_weight_cache", None) is None for m in model)
+    model(x)
+    assert len(calls) == 4  # outside the block: rebuilt on every call again

@@ -374,8 +374,10 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     return _PAIR_TABLES[key]
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Packed codes -> tensor of ``state.shape`` in ``dtype`` (default: the original dtype).
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed codes -> tensor of ``state.shape`` in ``dtype`` (default: the original dtype), written into
+    ``out`` (a contiguous tensor of that many elements and dtype) when given.
 
     ``w_hat = code[q] * absmax_block`` in fp32, rounded once to ``dtype`` (bnb's CPU arithmetic).
     Per step of blocks: bytes -> int32 indices, one gather of (code[hi], code[lo]) pairs from a
@@ -390,7 +392,12 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     device = packed.device
     table = _pair_table(state.code.float()).to(device)
     data = packed.reshape(-1).view(torch.uint8)
-    out = _empty_output(n, dtype, device)
+    if out is None:
+        out = _empty_output(n, dtype, device)
+    elif not (out.is_contiguous() and out.numel() == n and out.dtype == dtype and out.device == device):
+        raise ValueError(f"dequantize_4bit: out must be a contiguous {dtype} tensor of {n} elements on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    out = out.view(-1)
     full = n - n % bs
     n_blocks = full // bs
     step = max(1, _DEQUANT_CHUNK // bs)
