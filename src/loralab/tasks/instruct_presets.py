@@ -50,29 +50,31 @@ INSTRUCT_CPU_NF4 = {  # the same run as QLoRA on CPU: NF4 + double quant base, f
 QUICKSTART_SYSTEM_PROMPT = "Solve the math problem step by step."
 QUICKSTART = {
     # `loralab quickstart`: QLoRA of SmolLM2-135M-Instruct on the shipped GSM8K problems, sized by
-    # measurement on the shared 2-core CPU box: one step of 4 x ~300 tokens costs ~45 CPU-seconds
-    # (~100 s wall at load 9, ~25 s on 2 free cores), so 12 steps are ~5 min of training on a quiet
-    # machine. NF4 + double-quantized frozen base, float32 compute (no fast bf16 matmuls on this CPU).
+    # measurement on an idle 2-core CPU box (fresh clone, README's first command, 12-step version:
+    # 213 s in all -- setup 40 s with a warm pip cache, GGUF conversion 10 s, 12 steps of 4 x ~300 tokens
+    # in 58 s (~4.8 s a step), evaluation of 16 problems 80 s). 30 steps and 24 held-out problems keep
+    # the whole command near 6 minutes there, with room for a slower or busier machine.
+    # NF4 + double-quantized frozen base, float32 compute (no fast bf16 matmuls on this CPU).
     # Gradient checkpointing is off here: it costs ~30% more compute and at 4 x 320 tokens the peak is
     # the logits, not the layer activations (model.gradient_checkpointing=true works, see
     # bench/instruct_resources.py). LoRA on every linear layer but the head learns the answer format
     # within a dozen steps. lr 1e-3 (alpha/r = 2) with clipping at 0.3.
     # A one-line system prompt instead of SmolLM's default saves ~15 tokens per example; at
-    # max_length 320 about 6% of the GSM8K conversations lose their final "#### N" line.
+    # max_length 320 about 7% of the GSM8K conversations lose their final "#### N" line.
     "experiment": "instruct", "name": "quickstart-qlora-gsm8k", "model.name": "smollm2-135m",
     "model.quantize": "nf4", "model.double_quant": True, "model.compute_dtype": "float32",
     "model.gradient_checkpointing": False,
     "lora.r": 16, "lora.alpha": 32.0, "lora.dropout": 0.05, "lora.target_modules": "all-linear",
     "lora.exclude_modules": ["lm_head"],
     "train.lr": 1e-3, "train.schedule": "constant", "train.warmup_steps": 2, "train.max_grad_norm": 0.3,
-    "train.optimizer": "adamw", "train.batch_size": 4, "train.max_steps": 12, "train.eval_every": 0,
+    "train.optimizer": "adamw", "train.batch_size": 4, "train.max_steps": 30, "train.eval_every": 0,
     "train.length_grouped": True, "train.log_every": 5,
     "data.task": "gsm8k", "data.system_prompt": QUICKSTART_SYSTEM_PROMPT, "data.max_length": 320,
-    "data.eval_samples": 16, "data.loss_on": "assistant",
+    "data.eval_samples": 24, "data.loss_on": "assistant",
     "generate.num_beams": 1, "generate.no_repeat_ngram_size": 0, "generate.max_new_tokens": 192,
-    "generate.batch_size": 16,
+    "generate.batch_size": 24,
 }
-"""Held-out: 16 examples for the loss and the same 16 for greedy exact match (one decoding batch)."""
+"""Held-out: 24 examples for the loss and the same 24 for greedy exact match (one decoding batch)."""
 
 
 def register_presets() -> None:
