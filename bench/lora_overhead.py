@@ -7,8 +7,7 @@ Models (random init, fed ``inputs_embeds`` so the vocabulary does not matter):
              loralab: r=8 per slice on q and v of the fused c_attn (fused_qkv [True, False, True]);
              PEFT cannot slice a fused projection, so PEFT adapts the whole c_attn (r=8, fan_in_fan_out):
              a slightly different update with the same matmul shapes on the A side.
-Variants (all in the same process, each run once per round in rotating order, so every round pairs them
-under the same machine load). floor, lora_*, base, unmerged and merged use ONE model instance: adapters
+Variants, all in the same process. floor, lora_*, base, unmerged and merged use ONE model instance: adapters
 disabled, active, or merged in place (merge and unmerge are not timed), so they share weights and memory
 and differ only by the LoRA branch:
   floor      adapters disabled, forward + backward with inputs_embeds.requires_grad: the gradient flows
@@ -16,12 +15,14 @@ and differ only by the LoRA branch:
   lora_p0/p01  loralab adapter (dropout 0 / 0.1), forward + backward (grads of A, B).
   peft_p0/p01  PEFT 0.21 LoraModel with the same rank/targets, forward + backward.
   base / unmerged / merged  inference (no_grad, eval mode): adapters disabled, adapter p0 unmerged, p0
-             merged; one forward pass per call, timed after all training rounds in 2 x rounds rotating
-             groups, so each pair of calls sits a fraction of a second apart.
+             merged; one forward pass per call, timed after all training rounds.
   floor_copy / base_copy  the floor and base computations on a separate, untouched copy of the base
              model: controls. Their ratios to floor / base (``control_*``) differ from 1 only by noise and
              memory placement, and say how far any other ratio can be trusted.
-Ratios are medians over rounds of per-round ratios, for wall time (the headline keys) and for process CPU
+Every ratio a/b is measured on its own pairs of calls made back to back (a then b, or b then a, alternating
+by round; the pairs of a round in rotating order): 9 rounds of the training pairs (--quick: 3), then 18 of
+the inference pairs, so slow drifts of a shared machine's speed cancel inside each pair.
+Ratios are medians over rounds of the paired ratios, for wall time (the headline keys) and for process CPU
 time (``cpu_time``: less sensitive to other jobs on a shared machine). OMP_WAIT_POLICY defaults to PASSIVE
 here so that, on an oversubscribed machine, idle OpenMP threads sleep instead of spinning.
 Writes bench/results/lora_overhead.json.
@@ -153,38 +154,40 @@ def timed(setup, fn, teardown) -> tuple[float, float]:
 
 
 def run(kind: str, batch: int, seq: int, rounds: int) -> dict:
+    """Each ratio from its own back-to-back pairs of calls (order alternating by round, pairs rotating)."""
     fns = variants(kind, batch, seq)
-    training = [n for n in fns if n not in INFERENCE]
     wall: dict[str, list[float]] = {n: [] for n in fns}
     cpu: dict[str, list[float]] = {n: [] for n in fns}
+    pair_wall: dict[str, list[float]] = {k: [] for k in RATIOS}
+    pair_cpu: dict[str, list[float]] = {k: [] for k in RATIOS}
 
-    def measure(group: list[str], n_rounds: int) -> None:
-        for name in group:  # warmup
+    def measure(keys: list[str], n_rounds: int) -> None:
+        for name in dict.fromkeys(n for k in keys for n in RATIOS[k]):  # warmup
             timed(*fns[name])
-        for i in range(n_rounds):  # rotating order, so no variant always runs first
-            for name in group[i % len(group):] + group[:i % len(group)]:
-                dt, dc = timed(*fns[name])
-                wall[name].append(dt)
-                cpu[name].append(dc)
+        for i in range(n_rounds):
+            for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+                a, b = RATIOS[key]
+                t = {}
+                for name in ((a, b) if i % 2 == 0 else (b, a)):
+                    t[name] = timed(*fns[name])
+                    wall[name].append(t[name][0])
+                    cpu[name].append(t[name][1])
+                pair_wall[key].append(t[a][0] / t[b][0])
+                pair_cpu[key].append(t[a][1] / t[b][1])
 
-    measure(training, rounds)
-    # inference apart from training, one forward pass per call, the variants back to back: each paired
-    # ratio compares calls made a fraction of a second apart
-    measure(list(INFERENCE), rounds * INFER_REPS)
+    measure([k for k, (a, _) in RATIOS.items() if a not in INFERENCE], rounds)
+    # inference apart from training, one forward pass per call
+    measure([k for k, (a, _) in RATIOS.items() if a in INFERENCE], rounds * INFER_REPS)
 
-    def ratios(times):
-        def ratio(a, b):
-            return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in samples.items()}
 
-        return {k: ratio(a, b) for k, (a, b) in RATIOS.items()}
-
-    return {"batch": batch, "seq": seq, "rounds": rounds, **ratios(wall), "cpu_time": ratios(cpu),
-            "median_wall_s": {n: statistics.median(t) for n, t in wall.items()},
-            "median_cpu_s": {n: statistics.median(t) for n, t in cpu.items()}}
+    return {"batch": batch, "seq": seq, "rounds": rounds, **medians(pair_wall), "cpu_time": medians(pair_cpu),
+            "median_wall_s": medians(wall), "median_cpu_s": medians(cpu)}
 
 
 INFERENCE = ("base", "base_copy", "unmerged", "merged")
-INFER_REPS = 2  # rounds of the inference variants per training round
+INFER_REPS = 2  # rounds of the inference pairs per training round
 
 RATIOS = {
     "lora_p0_over_floor": ("lora_p0", "floor"), "lora_p01_over_floor": ("lora_p01", "floor"),
@@ -205,7 +208,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shapes = {"encoder": (8, 64), "decoder": (2, 64)} if args.quick else {"encoder": (32, 128), "decoder": (4, 128)}
-    rounds = args.rounds or (3 if args.quick else 15)
+    rounds = args.rounds or (3 if args.quick else 9)
     results = {"threads": args.threads, "quick": args.quick, "inference_rounds": rounds * INFER_REPS,
                "torch": torch.__version__,
                "machine": f"{platform.machine()} {platform.processor()}".strip()}
