@@ -310,6 +310,18 @@ def test_keep_mask_rate_and_resolution():
     assert keep_mask(x, 0.25)[1] == 0.25
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_keep_mask_is_the_threshold_of_16_random_bits_per_element(dtype):
+    x = torch.empty(37, 29, dtype=dtype)  # odd size: the last int64 draw is only partly used
+    torch.manual_seed(3)
+    keep, p_used = keep_mask(x, 0.3)
+    torch.manual_seed(3)  # the same draw, decoded independently: 4 little-endian int16 lanes per int64
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None).tolist()
+    lanes = [((w >> (16 * k)) & 0xFFFF) - (0x10000 if (w >> (16 * k)) & 0x8000 else 0) for w in words for k in range(4)]
+    expected = torch.tensor([float(v >= round(0.3 * 65536) - 32768) for v in lanes[:x.numel()]]).view(x.shape)
+    assert keep.dtype == dtype and torch.equal(keep.float(), expected) and p_used == round(0.3 * 65536) / 65536
+
+
 def test_over_real_linear4bit():
     from loralab.core.inject import count_parameters
     from loralab.core.linear4bit import Linear4bit, merge_to_full_precision
