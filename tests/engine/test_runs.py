@@ -92,6 +92,41 @@ def test_log_metrics_finish_and_fail(tmp_path):
     assert get_run(tmp_path, other.id).status == "running" and get_run(tmp_path, other.id).error is None
 
 
+def test_a_killed_run_reads_as_interrupted_and_a_live_one_as_running(tmp_path):
+    import sys
+
+    # a process that registers a run and is then killed outright: it never updates its row
+    code = ("import os, signal; from loralab.engine.config import load_config; from loralab.engine.runs import create_run; "
+            f"create_run(load_config(None, []), {str(tmp_path)!r}); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    (killed,) = list_runs(tmp_path)
+    assert killed.status == "interrupted (process gone)"
+    live = create_run(_cfg(), tmp_path)  # this process: alive
+    assert get_run(tmp_path, live.id).status == "running"
+    assert json.loads((live.dir / "running.json").read_text())["host"] == socket.gethostname()
+    live.finish({"score": 1.0})
+    assert get_run(tmp_path, live.id).status == "completed" and not (live.dir / "running.json").exists()
+    assert sqlite3.connect(tmp_path / "runs.sqlite").execute(  # the registry itself is not rewritten
+        "SELECT status FROM runs WHERE id = ?", (killed.id,)).fetchone() == ("running",)
+    open_run(killed.dir).mark_running()  # resuming a dead run takes it over
+    assert get_run(tmp_path, killed.id).status == "running"
+
+
+def test_resume_is_refused_while_another_live_process_runs_it(tmp_path):
+    run = create_run(_cfg(), tmp_path)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        owner = json.loads((run.dir / "running.json").read_text())
+        (run.dir / "running.json").write_text(json.dumps({**owner, "pid": other.pid}))
+        with pytest.raises(RuntimeError, match=f"still being run by process {other.pid}"):
+            open_run(run.dir).mark_running()
+    finally:
+        other.kill()
+        other.wait()
+    open_run(run.dir).mark_running()  # its owner is gone now
+
+
 def test_get_run_by_prefix_dir_name_and_errors(tmp_path, monkeypatch):
     ids = iter([uuid.UUID("abcd0000" + "0" * 24), uuid.UUID("abcd1111" + "1" * 24), uuid.UUID("ef" + "2" * 30)])
     monkeypatch.setattr(R.uuid, "uuid4", lambda: next(ids))

@@ -3,8 +3,10 @@
 A run dir ``<root>/<YYYYmmdd-HHMMSS>-<name>-<id8>/`` holds:
 ``config.yaml`` (the resolved config), ``env.json`` (versions, git commit, device, host),
 ``metrics.jsonl`` (one JSON object per logged step), ``results.json`` (written atomically at the end),
-``error.txt`` (when the run failed). The registry row records status and headline metrics so that
-``loralab runs list|show|compare`` need not open every directory.
+``error.txt`` (when the run failed), and ``running.json`` (pid, host, boot id) while a process runs it.
+The registry row records status and headline metrics so that ``loralab runs list|show|compare`` need
+not open every directory. A process killed outright (SIGKILL, OOM, power loss) cannot update its row:
+a "running" row whose process is gone on this host is reported as "interrupted (process gone)".
 """
 
 from __future__ import annotations
@@ -161,15 +163,68 @@ class Run:
         tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, path)
         self._update(status=status, finished=_now(), metrics=json.dumps(headline(results)))
+        (self.dir / OWNER).unlink(missing_ok=True)
         return path
 
     def fail(self, message: str, status: str = "failed") -> None:
         """Record a failed (or ``status="interrupted"``) run; the message goes to error.txt too."""
         (self.dir / "error.txt").write_text(message.rstrip() + "\n")
         self._update(status=status, finished=_now(), error=message[-2000:])
+        (self.dir / OWNER).unlink(missing_ok=True)
 
     def mark_running(self) -> None:
+        """Take the run over (resume); refused while another live process on this host still runs it."""
+        owner = _live_owner(self.dir)
+        if owner is not None and owner != os.getpid():
+            raise RuntimeError(f"run {self.id[:8]} ({self.dir}) is still being run by process {owner} on this host; "
+                               "stop that process first (two writers would corrupt its checkpoints)")
         self._update(status="running", finished=None, error=None)
+        _write_owner(self.dir)
+
+
+OWNER = "running.json"
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _write_owner(run_dir: Path) -> None:
+    """Who runs this run dir now: read back by ``list_runs`` to tell a live run from a killed one."""
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "boot_id": _boot_id()}
+    (run_dir / OWNER).write_text(json.dumps(owner) + "\n")
+
+
+def _owner_state(run_dir: Path) -> tuple[str, int | None]:
+    """("gone" | "alive" | "unknown", pid) of the process recorded in running.json."""
+    try:
+        owner = json.loads((run_dir / OWNER).read_text())
+        pid = int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown", None  # no owner file (older run, or another tool): leave the status as recorded
+    if owner.get("host") != socket.gethostname():
+        return "unknown", pid
+    if owner.get("boot_id") and _boot_id() and owner["boot_id"] != _boot_id():
+        return "gone", pid  # the machine rebooted since
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone", pid
+    except PermissionError:
+        return "alive", pid
+    return "alive", pid
+
+
+def _process_gone(run_dir: Path) -> bool:
+    return _owner_state(run_dir)[0] == "gone"
+
+
+def _live_owner(run_dir: Path) -> int | None:
+    state, pid = _owner_state(run_dir)
+    return pid if state == "alive" else None
 
 
 def _slug(name: str) -> str:
@@ -191,11 +246,14 @@ def create_run(cfg: RunConfig, root: str | Path | None = None) -> Run:
                     (run_id, cfg.run_name, cfg.experiment, cfg.model.name, cfg.data.task, "running", created,
                      None, run_dir.name, "{}", None))
     con.close()
+    _write_owner(run_dir)
     return Run(root, run_id, run_dir)
 
 
 def _record(root: Path, row: tuple) -> RunRecord:
     rid, name, experiment, model, task, status, created, finished, rel_dir, metrics, error = row
+    if status == "running" and _process_gone(root / rel_dir):
+        status = "interrupted (process gone)"
     return RunRecord(rid, name, experiment, model, task, status, created, finished, root / rel_dir,
                      json.loads(metrics or "{}"), error)
 
