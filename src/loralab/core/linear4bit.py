@@ -57,14 +57,14 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, module: "Linear4bit") -> torch.Tensor:
         ctx.module = module
         ctx.input_dtype = x.dtype
-        weight = _workspace(module)
+        weight = module.rebuilt_weight()
         return (x.to(weight.dtype) @ weight.T).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        weight = _workspace(ctx.module)
+        weight = ctx.module.rebuilt_weight()
         return (grad_out.to(weight.dtype) @ weight).to(ctx.input_dtype), None
 
 
@@ -134,11 +134,7 @@ class Linear4bit(nn.Module):
         return Q.bits_per_param(self.weight, self.quant_state())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cached = getattr(self, "_weight_cache", None)
-        if cached is not None:  # inside cached_dequantize(): the same arithmetic, minus the rebuild
-            y = (x.to(cached.dtype) @ cached.T).to(x.dtype)
-        else:
-            y = _Dequantized4bitMatmul.apply(x, self)
+        y = _Dequantized4bitMatmul.apply(x, self)  # inside cached_dequantize(): the cached W, no rebuild
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

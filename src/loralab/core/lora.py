@@ -224,7 +224,6 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, d * k, bias=False, device=device, dtype=dtype)
         self.enable[name] = list(enable) if enable is not None else None
 
-
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self.enable.pop(name, None)
@@ -274,7 +273,7 @@ class LoraLinear(LoraLayer):
         return self._forward_generic(x, *args, **kwargs)
 
     def _fast_path_ok(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-        """One adapter over a frozen nn.Linear/Conv1D without hooks, all in one dtype: use _BasePlusLora."""
+        """One adapter over a frozen Linear/Conv1D/4-bit base, no hooks, one dtype: use _BasePlusLora."""
         base = self.base_layer
         weight_dtype = base.compute_dtype if self._rebuilds else base.weight.dtype
         return (

@@ -12,7 +12,6 @@ Embedding (as PEFT): y = E0[x] + scaling * (A^T)[x] B^T
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +44,6 @@ class LoraConv2d(LoraLayer):
             padding_mode=base.padding_mode, **kw,
         )
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, **kw)
-
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
