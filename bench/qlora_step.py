@@ -3,14 +3,17 @@
 Variants (r=8, alpha=16 on q_proj, v_proj; torch AdamW on the adapter; fp32 compute everywhere):
   lora     -- fp32 base (transformers from_pretrained, dtype fp32) + loralab LoRA
   qlora    -- loralab NF4 + double quant base loaded layer by layer from the checkpoint (never a
-              full-precision model in memory) + loralab LoRA
+              full-precision model in memory) + loralab LoRA; weights decoded by the native kernel
+              (loralab.core.native) when it builds, as a user gets by default
+  qlora_torch -- the same with LORALAB_NATIVE=0: the pure-torch decode (timing only)
   peft_bnb -- transformers from_pretrained with BitsAndBytesConfig(nf4, double quant, fp32 compute) +
               PEFT LoRA
 Every variant loads the same random bf16 safetensors checkpoint (written once, shard per layer, into a
 temp dir) and runs in a fresh subprocess.
 
-TIME  (~135M Llama shape, batch 4 x seq 128, no checkpointing): median step time (forward, backward,
-      optimizer step) over the timed steps after warmup; runs interleaved A,B,C,A,B,C.
+TIME  (~135M Llama shape, batch 4 x seq 128, no checkpointing): step time (forward, backward, optimizer
+      step) after warmup; one run per variant per round, the order rotated each round; every ratio is
+      the median over rounds of the within-round ratio of median step times.
 MEMORY (Llama-3.2-1B shape, batch 1 x 128, gradient checkpointing on for all): peak RSS of the whole
       worker process (getrusage ru_maxrss: includes imports, loading and three steps), one variant at
       a time.
@@ -41,6 +44,7 @@ SHAPES = {
 # needs ~1 min per 135M step; the ratios from this shape are a smoke check, not the result)
 SHAPES["135m-quick"] = dict(SHAPES["135m"], num_hidden_layers=4, batch=1)
 VARIANTS = ("lora", "qlora", "peft_bnb")
+TIME_VARIANTS = VARIANTS + ("qlora_torch",)
 TARGETS = ["q_proj", "v_proj"]
 RESULTS = Path(__file__).resolve().parent / "results" / "qlora_step.json"
 
@@ -137,6 +141,7 @@ def _load_loralab_4bit(ckpt: Path):
 def worker(variant: str, shape: str, warmup: int, steps: int, checkpointing: bool, ckpt: Path) -> dict:
     import torch
 
+    from loralab.core import native
     from loralab.core.memory import memory_report
 
     torch.manual_seed(0)
@@ -160,7 +165,7 @@ def worker(variant: str, shape: str, warmup: int, steps: int, checkpointing: boo
     return {"variant": variant, "shape": shape, "step_s": times, "losses": losses, "load_s": load_s,
             "trainable": sum(p.numel() for p in trainable),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "memory_report": memory_report(model, optimizer).as_dict()}
+            "memory_report": memory_report(model, optimizer).as_dict(), "native_decode": native.status()}
 
 
 def _run_worker(variant: str, shape: str, warmup: int, steps: int, checkpointing: bool, ckpt: Path,
@@ -170,11 +175,13 @@ def _run_worker(variant: str, shape: str, warmup: int, steps: int, checkpointing
     if checkpointing:
         cmd.append("--checkpointing")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    if variant == "qlora_torch":
+        env["LORALAB_NATIVE"] = "0"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant}/{shape} worker failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {variant:9s} {shape}: steps {[round(t, 2) for t in result['step_s']]} s, "
+    print(f"  {variant:11s} {shape}: steps {[round(t, 2) for t in result['step_s']]} s, "
           f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, loss {result['losses'][-1]:.3f}", flush=True)
     return result
 
@@ -182,14 +189,14 @@ def _run_worker(variant: str, shape: str, warmup: int, steps: int, checkpointing
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 4-layer 135M cut, 1 round, no 1B")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the timing runs")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the timing runs")
     parser.add_argument("--time-steps", type=int, default=3, help="timed steps per timing run (after 1 warmup)")
     parser.add_argument("--mem-steps", type=int, default=3, help="steps per 1B memory run")
     parser.add_argument("--phase", choices=("all", "time", "memory"), default="all",
                         help="run one half only, updating that half of the existing result file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ckpt-dir", type=Path, default=Path(tempfile.gettempdir()) / "loralab_qlora_bench")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=TIME_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -221,17 +228,24 @@ def main() -> None:
         spec = SHAPES[shape]
         print(f"TIME {shape} (batch {spec['batch']} x {spec['seq']}), {rounds} interleaved rounds, "
               f"{warmup} warmup + {steps} timed steps")
-        timing: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        timing: dict[str, list[float]] = {v: [] for v in TIME_VARIANTS}
         out.update(time_shape=shape, time_rounds=rounds, time_warmup=warmup, time_steps=steps, runs_135m=[])
-        for _ in range(rounds):
-            for variant in VARIANTS:
+        per_round: list[dict[str, float]] = []
+        for r in range(rounds):
+            order = TIME_VARIANTS[r % len(TIME_VARIANTS):] + TIME_VARIANTS[: r % len(TIME_VARIANTS)]  # rotate
+            per_round.append({})
+            for variant in order:
                 result = _run_worker(variant, shape, warmup, steps, False, ckpt, args.threads)
                 timing[variant] += result["step_s"]
+                per_round[-1][variant] = statistics.median(result["step_s"])
                 out["runs_135m"].append(result)
                 save()
-        median = {v: statistics.median(t) for v, t in timing.items()}
-        out.update(median_step_s_135m=median, qlora_over_lora_time=median["qlora"] / median["lora"],
-                   qlora_over_peft_bnb_time=median["qlora"] / median["peft_bnb"])
+        # Each ratio: the median over rounds of (median step of A / median step of B) within one round --
+        # runs of a round are minutes apart at most, so a host that drifts over the run cancels out.
+        out.update(median_step_s_135m={v: statistics.median(t) for v, t in timing.items()}, ratio_of="paired rounds")
+        for a, b in (("qlora", "lora"), ("qlora", "peft_bnb"), ("qlora_torch", "lora"), ("qlora_torch", "peft_bnb"),
+                     ("qlora", "qlora_torch")):
+            out[f"{a}_over_{b}_time"] = statistics.median(x[a] / x[b] for x in per_round)
         save()
     if args.phase in ("all", "memory") and not args.quick:
         ckpt = write_checkpoint("1b", args.ckpt_dir / "1b")
@@ -248,7 +262,8 @@ def main() -> None:
         out.update(qlora_over_lora_peak_mem=peak["qlora"] / peak["lora"],
                    qlora_over_peft_bnb_peak_mem=peak["qlora"] / peak["peft_bnb"])
         save()
-    for key in ("qlora_over_lora_time", "qlora_over_peft_bnb_time", "qlora_over_lora_peak_mem",
+    for key in ("qlora_over_lora_time", "qlora_over_peft_bnb_time", "qlora_torch_over_lora_time",
+                "qlora_torch_over_peft_bnb_time", "qlora_over_qlora_torch_time", "qlora_over_lora_peak_mem",
                 "qlora_over_peft_bnb_peak_mem"):
         if key in out:
             print(f"{key}: {out[key]:.3f}")

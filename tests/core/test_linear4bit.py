@@ -380,3 +380,23 @@ def test_cached_dequantize_is_bit_identical_and_released(monkeypatch):
     assert all(getattr(m, "_weight_cache", None) is None for m in model)
     model(x)
     assert len(calls) == 4  # outside the block: rebuilt on every call again
+
+
+def test_lora_inference_over_4bit_with_many_rows_matches_the_skinny_path():
+    """The no-grad dense-update forward over a 4-bit base (rebuilt W + s B A) equals the training-path output."""
+    from loralab.core.lora import LoraLinear
+
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(torch.nn.Linear(96, 64), "nf4", double_quant=True)
+    layer = LoraLinear(base)
+    layer.update_layer("a", r=4, lora_alpha=8)
+    torch.nn.init.normal_(layer.lora_B["a"].weight)
+    x = torch.randn(200, 96)
+    skinny = layer(x)  # A, B require grad: the fused training path
+    with torch.no_grad():
+        assert layer._fast_path_ok(x, (), {}) and layer._dense_update_pays(x, "a")
+        dense = layer(x)
+    A, B = layer.lora_A["a"].weight.double(), layer.lora_B["a"].weight.double()
+    ref = x.double() @ (base.dequantize(torch.float32).double() + 2.0 * B @ A).T + base.bias.double()
+    torch.testing.assert_close(dense.double(), ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(dense, skinny, rtol=0, atol=1e-4)

@@ -355,3 +355,29 @@ def test_autocast_bf16_uses_autograd_path_and_stays_close():
     out.float().sum().backward()
     assert layer.lora_A["a"].weight.grad is not None and x.grad is not None
     torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=6e-2)
+
+
+@pytest.mark.parametrize("enable", [None, [True, False, True]], ids=["plain", "fused"])
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(8, 12), lambda: Conv1D(12, 8)], ids=["linear", "conv1d"])
+def test_inference_with_many_rows_builds_the_dense_update_and_leaves_w0(make_base, enable, monkeypatch):
+    """No grad and rows * (in + out) > in * out: one matmul with W0 + s B A for the call (the two skinny
+    products cost more); W0 is untouched, few rows or a gradient keep the skinny path."""
+    base = make_base().to(D).requires_grad_(False)
+    layer = LoraLinear(base)
+    layer.update_layer("a", r=2, lora_alpha=4, enable=enable)
+    _randomize(layer, "a")
+    delta = _fused_reference(layer, "a", enable) if enable else 2.0 * layer.lora_B["a"].weight @ layer.lora_A["a"].weight
+    w0 = base.weight.clone()
+    dense_rows = []
+    original = layer._forward_dense_update
+    monkeypatch.setattr(layer, "_forward_dense_update", lambda x, name: dense_rows.append(x.shape[0]) or original(x, name))
+    many, few = torch.randn(50, 8, dtype=D), torch.randn(3, 8, dtype=D)  # 50 * 20 > 8 * 12 > 3 * 20
+    for x in (many, few):
+        ref = x @ _W(base).T + base.bias + x @ delta.T
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-12)
+        layer.eval()  # eval mode changes nothing here (dropout 0): still the same numbers
+        torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-12)
+        layer.train()
+    assert dense_rows == [50]  # the grad-enabled calls (A, B trainable) and the 3-row call stayed skinny
+    assert torch.equal(base.weight, w0) and not layer.merged

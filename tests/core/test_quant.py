@@ -13,12 +13,25 @@ import math
 import pytest
 import torch
 
+from loralab.core import native
 from loralab.core import quant as Q
 
 F = pytest.importorskip("bitsandbytes.functional")
 
 SHAPES = [(64,), (33, 7), (3,), (257, 131), (128, 128), (1000,), (2, 4096)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["native", "torch"])
+def decode(request):
+    """Run a dequantize test through the native kernel and through the pure-torch decode."""
+    if request.param == "torch":
+        with native.disabled():
+            yield "torch"
+    elif native.library() is None:
+        pytest.skip(f"native decode {native.status()}")
+    else:
+        yield "native"
 
 
 def _weights(shape, dtype, seed):
@@ -85,7 +98,7 @@ def test_double_quant_state_equals_bnb(dtype):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dequantize_equals_bnb_cpu_kernel(quant_type, double_quant, dtype):
+def test_dequantize_equals_bnb_cpu_kernel(quant_type, double_quant, dtype, decode):
     for i, shape in enumerate([(128, 128), (64, 256), (33, 7), (257, 131)]):  # rows % 64 == 0 or odd rows
         w = _weights(shape, dtype, seed=200 + i)
         ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type,
@@ -97,7 +110,7 @@ def test_dequantize_equals_bnb_cpu_kernel(quant_type, double_quant, dtype):
         assert torch.equal(out, ref.reshape(w.shape)), shape
 
 
-def test_dequantize_matches_formula_where_bnb_cpu_kernel_is_wrong():
+def test_dequantize_matches_formula_where_bnb_cpu_kernel_is_wrong(decode):
     w = _weights((128, 96), torch.float32, seed=3)  # 96-element rows straddle 64-element blocks
     ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
     packed, state = Q.quantize_4bit(w, "nf4", 64)
@@ -193,7 +206,7 @@ def test_inconsistent_serialized_state_names_the_tensor():
         Q.check_packed(packed[:-1], state, "x.weight")
 
 
-def test_large_tensor_threaded_path_bit_exact_with_bnb():
+def test_large_tensor_threaded_path_bit_exact_with_bnb(decode):
     """>= 2M elements runs the block ranges in parallel worker threads; results must not change."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -210,7 +223,7 @@ def test_large_tensor_threaded_path_bit_exact_with_bnb():
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("huge_pages", [True, False])
-def test_large_dequantize_steps_tail_and_huge_page_hint_are_bitwise_exact(out_dtype, huge_pages, monkeypatch):
+def test_large_dequantize_steps_tail_and_huge_page_hint_are_bitwise_exact(out_dtype, huge_pages, monkeypatch, decode):
     """Several 2^19-element steps, a short last block, the huge-page output hint on and off: every bit
     (signed zeros included) equals the formula ``code[q] * absmax`` in fp32, rounded once to the dtype."""
     monkeypatch.setattr(Q, "HUGE_PAGE_OUTPUT", huge_pages)

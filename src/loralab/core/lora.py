@@ -23,7 +23,10 @@ The forward works on activations: h = A_cat x (one matmul), then slice i of the 
 Speed: with one active adapter over a frozen nn.Linear / Conv1D (the training case) the base matmul and
 the LoRA branch run as one autograd node (``_BasePlusLora``): the update is accumulated in place into the
 base output and the two gradients w.r.t. x into one buffer, and the dropout mask is drawn 16 bits per
-element (``keep_mask``: p honoured to 2^-16). Every other case (several adapters, 4-bit or unknown
+element (``keep_mask``: p honoured to 2^-16). Without gradients (inference) and with more rows than
+in*out/(in+out), the forward instead builds ``W0 + s B A`` for the call and runs one matmul: the two
+skinny LoRA products cost more than building the dense update then (W0 itself is never changed).
+Every other case (several adapters, 4-bit or unknown
 bases, mixed dtypes, autocast, hooks) uses plain autograd; both give the same numbers (tested).
 """
 
@@ -263,6 +266,8 @@ class LoraLinear(LoraLayer):
             name = self._branch[0]
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            if p == 0.0 and self._dense_update_pays(x, name):
+                return self._forward_dense_update(x, name)
             base = self.base_layer
             y = _BasePlusLora.apply(
                 x.reshape(-1, self.in_features), None if self._rebuilds else base.weight, base.bias,
@@ -283,6 +288,28 @@ class LoraLinear(LoraLayer):
             and (base.bias is None or base.bias.dtype == x.dtype)
             and not torch.is_autocast_enabled(x.device.type)  # autocast would mix dtypes inside the in-place adds
         )
+
+    def _dense_update_pays(self, x: torch.Tensor, name: str) -> bool:
+        """No gradient wanted, an fp32/fp64 weight, and more rows than in*out/(in+out): one matmul with
+        W0 + s B A (r*in*out flops to build) is then cheaper than the two skinny products x A^T, h B^T
+        (2*rows*r*(in+out) flops, and a pass over x and y each)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+            return False
+        if x.dtype not in (torch.float32, torch.float64):  # W0 + s B A rounded to 16 bits would lose the update
+            return False
+        rows = x.numel() // self.in_features
+        return rows * (self.in_features + self.out_features) > self.in_features * self.out_features
+
+    def _forward_dense_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """y = x (W0 + s B A)^T + b with the effective weight built for this call only (the base is unchanged)."""
+        base = self.base_layer
+        w = base.rebuilt_weight() if self._rebuilds else base.weight
+        w = w + self.delta_weight(name).to(w.dtype)  # a fresh tensor: never in place, W0 stays unmerged
+        x2 = x.reshape(-1, self.in_features)
+        w_t = w if self.kind == "conv1d" else w.t()
+        y = torch.addmm(base.bias, x2, w_t) if base.bias is not None else x2 @ w_t
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _slice_plan(self, name: str) -> tuple | None:
         """None for a plain adapter; (r, d, ((position, slot), ...)) for a fused one."""

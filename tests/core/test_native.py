@@ -1,0 +1,118 @@
+"""The native 4-bit decode (loralab.core.native): built here, bit-identical to the pure-torch decode on
+every path (AVX2 and scalar loops, partial last blocks, thread-split ranges), and a clean fallback."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from loralab.core import native
+from loralab.core import quant as Q
+from loralab.core.linear4bit import Linear4bit
+from loralab.core.lora import LoraLinear
+
+HAVE_CC = native._compiler() is not None
+
+
+def _decode_both(packed, state, dtype=torch.float32):
+    with native.disabled():
+        reference = Q.dequantize_4bit(packed, state, dtype)
+    return Q.dequantize_4bit(packed, state, dtype), reference
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine: the pure-torch decode is used")
+def test_kernel_builds_and_is_cached(tmp_path, monkeypatch):
+    assert native.status() in ("avx2", "scalar")
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
+    native._build()
+    built = list((tmp_path / "native").glob("libloralab_dequant4bit-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native._build()  # same source, compiler and machine: the cached library, not a new build
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "native").iterdir()] == [stamp]
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bit_identical_to_torch_decode(simd, quant_type, double_quant, dtype, monkeypatch):
+    monkeypatch.setattr(native, "SIMD", simd)
+    g = torch.Generator().manual_seed(0)
+    for shape, block in [((576, 576), 64), ((7, 13), 64), ((3, 321), 32), ((1,), 64), ((130, 1000), 256),
+                         ((5, 4096 + 17), 4096)]:
+        w = torch.randn(shape, generator=g) * torch.rand(shape, generator=g) * 3
+        w.view(-1)[: min(64, w.numel())] = 0.0  # an all-zero block (and -0.0 products in FP4)
+        packed, state = Q.quantize_4bit(w, quant_type, block, double_quant)
+        fast, reference = _decode_both(packed, state, dtype)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16  # every bit, signed zeros included
+        assert fast.dtype == dtype and torch.equal(fast.view(bits), reference.view(bits)), (shape, block)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+def test_thread_split_ranges_bit_identical():
+    """>= 2M values: block ranges run in two threads, the last range ends in a partial block."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = torch.randn(2_100_003, generator=torch.Generator().manual_seed(1))
+        packed, state = Q.quantize_4bit(w, "nf4", 64, double_quant=True)
+        fast, reference = _decode_both(packed, state)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(fast, reference)
+
+
+def test_fp16_output_takes_the_torch_path():
+    w = torch.randn(64, 96)
+    packed, state = Q.quantize_4bit(w, "nf4", 64, True)
+    out = torch.empty(64 * 96, dtype=torch.float16)
+    assert not native.dequantize_4bit(packed.view(-1), state, out, lambda n, work: work(0, n))
+    fast, reference = _decode_both(packed, state, torch.float16)
+    assert torch.equal(fast, reference)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LORALAB_NATIVE", "0")
+    assert native.status() == "disabled" and native.library() is None
+
+
+def test_no_compiler_warns_once_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_STATE", {"lib": None, "tried": False, "reason": "not built yet", "off": 0})
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    w = torch.randn(33, 64)
+    packed, state = Q.quantize_4bit(w, "nf4", 64, True)
+    with pytest.warns(UserWarning, match="native 4-bit decode unavailable.*pure-torch decode"):
+        out = Q.dequantize_4bit(packed, state)
+    assert native.status().startswith("unavailable:") and "no-such-cc" in native.status()
+    with native.disabled():
+        assert torch.equal(out, Q.dequantize_4bit(packed, state))
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and not HAVE_CC, reason="no C compiler on this machine")
+def test_lora_over_4bit_step_identical_with_and_without_native():
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(torch.nn.Linear(192, 320))
+    layer = LoraLinear(base)
+    layer.update_layer("default", r=4, lora_alpha=8, lora_dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 5, 192)
+    results = []
+    for off in (False, True):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        if off:
+            with native.disabled():
+                y = layer(xi)
+                y.square().sum().backward()
+        else:
+            y = layer(xi)
+            y.square().sum().backward()
+        results.append((y.detach(), xi.grad, layer.lora_A["default"].weight.grad.clone()))
+    for fast, reference in zip(*results):
+        assert torch.equal(fast, reference)
