@@ -21,7 +21,7 @@ The forward works on activations: h = A_cat x (one matmul), then slice i of the 
 ``scaling * B_i h_i``; the dense (3d x in) update is only built by ``merge``.
 
 Speed: with one active adapter over a frozen nn.Linear / Conv1D (the training case) the base matmul and
-the LoRA branch run as one autograd node (``_BasePlusLora``): the update is accumulated in place into the
+the LoRA branch run as one autograd node (``BasePlusLora`` in lora_fused.py): the update is accumulated in place into the
 base output and the two gradients w.r.t. x into one buffer, and the dropout mask is drawn 16 bits per
 element (``keep_mask``: p honoured to 2^-16). Without gradients (inference) and with more rows than
 in*out/(in+out), the forward instead builds ``W0 + s B A`` for the call and runs one matmul: the two
@@ -35,8 +35,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from loralab.core.lora_fused import BasePlusLora, keep_mask  # noqa: F401  (keep_mask: public)
 
 
 def base_kind(module: nn.Module) -> str:
@@ -269,7 +270,7 @@ class LoraLinear(LoraLayer):
             if p == 0.0 and self._dense_update_pays(x, name):
                 return self._forward_dense_update(x, name)
             base = self.base_layer
-            y = _BasePlusLora.apply(
+            y = BasePlusLora.apply(
                 x.reshape(-1, self.in_features), None if self._rebuilds else base.weight, base.bias,
                 self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, self.kind == "conv1d",
                 self._slice_plan(name), base.rebuilt_weight if self._rebuilds else None,
@@ -278,7 +279,7 @@ class LoraLinear(LoraLayer):
         return self._forward_generic(x, *args, **kwargs)
 
     def _fast_path_ok(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-        """One adapter over a frozen Linear/Conv1D/4-bit base, no hooks, one dtype: use _BasePlusLora."""
+        """One adapter over a frozen Linear/Conv1D/4-bit base, no hooks, one dtype: use BasePlusLora."""
         base = self.base_layer
         weight_dtype = base.compute_dtype if self._rebuilds else base.weight.dtype
         return (
@@ -337,84 +338,3 @@ class LoraLinear(LoraLayer):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"
-
-
-def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """Dropout keep-mask (1 with probability 1 - p, else 0) in x's dtype, and the exact drop probability used.
-
-    Each element gets 16 fresh random bits (four per int64 draw) and is dropped when they fall below
-    round(p * 2^16), so p is honoured up to 2^-16 (0.1 -> 0.100006); on CPU this costs a quarter of
-    torch's dropout kernel. The caller rescales by 1 / (1 - p_used), keeping the update unbiased.
-    """
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    drop = round(p * 65536)
-    keep = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # written by the compare directly: no bool pass
-    torch.ge(words.view(torch.int16)[:n].view(x.shape), drop - 32768, out=keep)
-    return keep, drop / 65536
-
-
-class _BasePlusLora(torch.autograd.Function):
-    """y = x W^T + b + s B A drop(x) for a frozen W, as one autograd node (x is N x in).
-
-    With the keep mask m and c = 1 / (1 - p), drop(x) = c (m * x); write x_m = m * x, h = x_m A^T.
-    Forward: the base addmm, h (one matmul for all slices), then ``y[:, slot] += s c h_i B_i^T`` in place
-    (no autograd views, no extra N x out tensor). Backward, with g = dL/dy and g_h = s c g B (per slice):
-        dL/dB = s c g^T h,   dL/dA = g_h^T x_m,   dL/dx = g W + (g_h A) * m,   dL/db = sum_rows g
-    so the frozen and the LoRA paths to x are summed inside one buffer rather than by autograd.
-    Saved for backward: x_m (x itself without dropout), h (N x r*k) and, with dropout, the keep mask in
-    x's dtype (PEFT keeps a bool mask: 3 bytes per input element more here, for a masked backward that
-    is 2-3x cheaper on CPU). A 4-bit base passes ``weight=None`` and ``rebuild``, which returns W in the
-    compute dtype; W is rebuilt again in backward, never saved.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, s: float, p: float, transposed: bool, plan, rebuild=None):
-        ctx.rebuild = rebuild
-        w = rebuild() if rebuild is not None else weight
-        w_t = w if transposed else w.t()  # (in, out)
-        y = torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
-        keep = None
-        if p > 0:
-            keep, p = keep_mask(x, p)
-            x = x * keep
-        sc = s / (1.0 - p)
-        h = F.linear(x, A)
-        if plan is None:
-            y.addmm_(h, B.t(), alpha=sc)
-        else:
-            r, d, slices = plan
-            for i, slot in slices:
-                y[:, slot * d:(slot + 1) * d].addmm_(h[:, i * r:(i + 1) * r], B[i * d:(i + 1) * d].t(), alpha=sc)
-        ctx.save_for_backward(x, h, weight, A, B, keep)
-        ctx.meta = (sc, transposed, plan)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x_m, h, weight, A, B, keep = ctx.saved_tensors
-        sc, transposed, plan = ctx.meta
-        if ctx.rebuild is not None and ctx.needs_input_grad[0]:
-            weight = ctx.rebuild()
-        if plan is None:
-            g_h = F.linear(g, B.t().contiguous()).mul_(sc)  # g B, in the faster (weight^T) GEMM layout
-            g_B = (h.t() @ g).t().mul_(sc) if ctx.needs_input_grad[4] else None
-        else:
-            r, d, slices = plan
-            g_h, g_B = h.new_empty(h.shape), B.new_empty(B.shape)
-            for i, slot in slices:
-                g_slot, rows = g[:, slot * d:(slot + 1) * d], slice(i * d, (i + 1) * d)
-                g_h[:, i * r:(i + 1) * r] = F.linear(g_slot, B[rows].t().contiguous())
-                g_B[rows] = (h[:, i * r:(i + 1) * r].t() @ g_slot).t()
-            g_h.mul_(sc)
-            g_B.mul_(sc)
-        g_A = g_h.t() @ x_m if ctx.needs_input_grad[3] else None
-        g_x = None
-        if ctx.needs_input_grad[0]:
-            g_x = g @ (weight.t() if transposed else weight)
-            if keep is None:
-                g_x.addmm_(g_h, A)
-            else:
-                g_x.addcmul_(g_h @ A, keep)
-        g_b = g.sum(0) if ctx.needs_input_grad[2] else None
-        return g_x, None, g_b, g_A, g_B, None, None, None, None, None
