@@ -381,3 +381,29 @@ def test_inference_with_many_rows_builds_the_dense_update_and_leaves_w0(make_bas
         layer.train()
     assert dense_rows == [50]  # the grad-enabled calls (A, B trainable) and the 3-row call stayed skinny
     assert torch.equal(base.weight, w0) and not layer.merged
+
+
+def test_dropout_node_saves_bits_not_masked_input_and_scratch_changes_nothing(monkeypatch):
+    """With dropout the node keeps x (the caller's tensor), h and 16-bit draws -- no new N x in float tensor
+    -- and the reused scratch gives the same numbers as fresh temporaries."""
+    from loralab.core import lora_fused
+
+    base = nn.Linear(16, 12).requires_grad_(False)
+    layer = LoraLinear(base)
+    layer.update_layer("a", 4, 8, lora_dropout=0.3)
+    _randomize(layer, "a")
+    x = torch.randn(40, 16, requires_grad=True)
+    saved = []
+    results = []
+    for cap in (lora_fused.SCRATCH_MAX_BYTES, 0):  # scratch on, then every temporary fresh
+        monkeypatch.setattr(lora_fused, "SCRATCH_MAX_BYTES", cap)
+        torch.manual_seed(7)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        grads = torch.autograd.grad(y.square().sum(), (x, layer.lora_A["a"].weight, layer.lora_B["a"].weight))
+        results.append((y.detach(), *grads))
+    for with_scratch, fresh in zip(*results):
+        assert torch.equal(with_scratch, fresh)
+    input_sized = [t for t in saved if t.shape == x.shape]
+    assert {t.dtype for t in input_sized} == {torch.float32, torch.int16}
+    assert all(t.data_ptr() == x.data_ptr() for t in input_sized if t.dtype == torch.float32)
