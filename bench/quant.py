@@ -43,6 +43,18 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
+def _interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """One warm-up call each (allocator, caches), then ``rounds`` rounds of one timed call each, the order
+    reversed every other round so both sides see the same load."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[name].append(_time(fns[name]))
+    return times
+
+
 def _bnb_bits(packed: torch.Tensor, state) -> float:
     nbytes = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
     if state.nested:
@@ -88,12 +100,7 @@ def bench_135m_shapes(rounds: int, calls: int = 50) -> dict:
 
     fns = {"bnb": lambda: run("bnb"), "loralab": lambda: run("loralab"),
            "loralab_pure_torch": lambda: _pure_torch(run, "loralab")}
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            times[name].append(_time(fns[name]))
+    times = _interleaved(fns, rounds)
     per_call = len(shapes) * calls
     return {"per_call_us": {k: statistics.median(v) / per_call * 1e6 for k, v in times.items()},
             "median_ratio_bnb_over_loralab": statistics.median(b / l for b, l in zip(times["bnb"], times["loralab"])),
@@ -119,12 +126,7 @@ def bench_dtype(dtype: torch.dtype, size: int, rounds: int) -> dict:
                "loralab_pure_torch": lambda: _pure_torch(Q.dequantize_4bit, packed, state)}
     out = {}
     for op, fns in (("quantize", quant), ("dequantize", dequant)):
-        for fn in fns.values():  # warm-up (allocator, caches)
-            fn()
-        times = {name: [] for name in fns}
-        for r in range(rounds):
-            for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                times[name].append(_time(fns[name]))
+        times = _interleaved(fns, rounds)
         out[op] = {"bnb_median_s": statistics.median(times["bnb"])}
         for name in fns:
             if name != "bnb":

@@ -18,7 +18,6 @@ load_quantized, load_quantized_from_safetensors, load_model_4bit, empty_init) li
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,27 +25,17 @@ import torch
 from torch import nn
 
 from loralab.core import quant as Q
+from loralab.core.scratch import scratch
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
 
 
-_WORKSPACE = threading.local()  # per thread: {(shape, dtype, device): tensor} scratch for rebuilt weights
-
-
 def _workspace(module: "Linear4bit") -> torch.Tensor:
-    """W rebuilt into a per-thread scratch shared by every layer of the same shape.
-
-    A fresh (out x in) tensor per call and per backward would be allocated and freed hundreds of times
-    per step between long-lived activations; glibc then keeps the holes (measured: +1.1 GB peak RSS on
-    SmolLM2-135M, batch 4 x 295). The scratch is only read inside the one matmul that follows.
-    """
-    key = (module.out_features, module.in_features, module.compute_dtype, module.weight.device)
-    cache = getattr(_WORKSPACE, "buffers", None)
-    if cache is None:
-        cache = _WORKSPACE.buffers = {}
-    buf = cache.get(key)
-    if buf is None:
-        buf = cache[key] = torch.empty(key[:2], dtype=key[2], device=key[3])
+    """W rebuilt into a per-thread scratch (core/scratch.py) shared by every layer of the same shape:
+    a fresh (out x in) tensor per call and per backward would leave allocator holes between activations.
+    The scratch is only read inside the one matmul that follows."""
+    buf = scratch("rebuilt-weight", (module.out_features, module.in_features), module.compute_dtype,
+                  module.weight.device)
     return Q.dequantize_4bit(module.weight, module.quant_state(), module.compute_dtype, out=buf)
 
 

@@ -14,27 +14,19 @@ CPU, fresh multi-MB tensors are new mappings whose page faults cost more than th
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 
+from loralab.core.scratch import scratch
+
 SCRATCH_MAX_BYTES = 64 << 20  # larger temporaries are allocated normally (their faults are small next to the matmuls)
-_SCRATCH = threading.local()
 
 
-def _scratch(like: torch.Tensor, slot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _scratch(like: torch.Tensor, slot: int) -> torch.Tensor:
     """A reusable tensor shaped like ``like`` (slot 0 or 1: two live at once); fresh when above the cap."""
-    dtype = dtype or like.dtype
     if like.numel() * like.element_size() > SCRATCH_MAX_BYTES:
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
-    buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None:
-        buffers = _SCRATCH.buffers = {}
-    key = (tuple(like.shape), dtype, like.device, slot)
-    if key not in buffers:
-        buffers[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
-    return buffers[key]
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return scratch(f"lora-dropout-{slot}", like.shape, like.dtype, like.device)
 
 
 def dropout_bits(x: torch.Tensor) -> torch.Tensor:

@@ -78,9 +78,13 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+def _switched_off() -> bool:
+    return bool(_STATE["off"]) or os.environ.get("LORALAB_NATIVE", "1") == "0"
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None (disabled, or it could not be built: see :func:`status`)."""
-    if _STATE["off"] or os.environ.get("LORALAB_NATIVE", "1") == "0":
+    if _switched_off():
         return None
     if not _STATE["tried"]:
         with _LOCK:
@@ -98,7 +102,7 @@ def library() -> ctypes.CDLL | None:
 
 def status() -> str:
     """'avx2' / 'scalar' (native kernel in use), 'disabled', or 'unavailable: <reason>'."""
-    if _STATE["off"] or os.environ.get("LORALAB_NATIVE", "1") == "0":
+    if _switched_off():
         return "disabled"
     library()
     return _STATE["reason"]
