@@ -11,7 +11,8 @@ back to the code index (FP4 codes are stored in bit-pattern order, with both +0 
 midpoints strictly below ``s`` equals ``bucketize(s, midpoints)``: a value exactly on a midpoint goes to
 the lower code. That tie rule, the reciprocal-multiply for full blocks and the true division for a short
 last block are what bitsandbytes' CPU path does, so packed bytes and absmax are bit-identical to
-``bitsandbytes.functional.quantize_4bit`` (0.50.x). Two codes share a byte: element ``2i`` in the high
+``bitsandbytes.functional.quantize_4bit`` (0.50.x) on the CPU. On a GPU, NF4/FP4 follow bnb's CUDA
+kernel instead, whose arithmetic differs in places (quant_cuda.py). Two codes share a byte: element ``2i`` in the high
 nibble, element ``2i+1`` in the low nibble; the packed tensor has bnb's shape ``(ceil(n/2), 1)``.
 
 Dequantization is ``w_hat = c[q] * absmax_b`` computed in fp32 and rounded once to the output dtype.
@@ -27,13 +28,14 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from loralab.core import native
+from loralab.core import native, quant_cuda
 
 QuantType = Literal["nf4", "fp4", "int4"]
 QUANT_TYPES = ("nf4", "fp4", "int4")
@@ -246,10 +248,15 @@ def quantize_4bit(
     flat = weight.detach().reshape(-1)
     n = flat.numel()
     full = n - n % block_size
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
-    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=flat.device)
-    _quantize_full_blocks(flat, block_size, bounds, sort_to_code, packed, absmax[: full // block_size])
-    if full < n:  # short last block: bnb divides by its absmax instead of multiplying by the reciprocal
+    cuda_kernel = flat.device.type == "cuda" and quant_type != "int4"  # bnb's CUDA arithmetic (quant_cuda.py)
+    if cuda_kernel:
+        packed, absmax = quant_cuda.quantize_4bit_blocks(flat, quant_type, block_size)
+        full = n
+    else:
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+        absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=flat.device)
+        _quantize_full_blocks(flat, block_size, bounds, sort_to_code, packed, absmax[: full // block_size])
+    if full < n:  # short last block: bnb's CPU kernel divides by its absmax instead of multiplying by 1/absmax
         tail = flat[full:].float()
         tail_max = tail.abs().max()
         absmax[-1] = tail_max
@@ -268,7 +275,8 @@ def quantize_4bit(
     if double_quant:
         state.offset = absmax.mean()
         state.nested_code = dynamic_map_signed().to(flat.device)
-        state.absmax, state.nested_absmax = quantize_8bit_blockwise(absmax - state.offset, state.nested_code)
+        quantize_8bit = quant_cuda.quantize_8bit_blocks if cuda_kernel else quantize_8bit_blockwise
+        state.absmax, state.nested_absmax = quantize_8bit(absmax - state.offset, state.nested_code, NESTED_BLOCK_SIZE)
     return packed.unsqueeze(1), state
 
 
@@ -380,6 +388,23 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     return _PAIR_TABLES[key]
 
 
+_DEVICE_TABLES: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _device_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """The pair table of a codebook on a GPU, built once per codebook tensor (building it reads the codes
+    to the host: a device sync, which per call stalled every 4-bit matmul; measured on an H200)."""
+    entry = _DEVICE_TABLES.get(id(code))
+    if entry is not None and entry[0]() is code and entry[1] == code._version:
+        return entry[2]
+    if len(_DEVICE_TABLES) > 64:  # forget codebooks that no longer exist
+        for key in [k for k, (ref, _, _) in _DEVICE_TABLES.items() if ref() is None]:
+            del _DEVICE_TABLES[key]
+    table = _pair_table(code.cpu()).to(code.device)
+    _DEVICE_TABLES[id(code)] = (weakref.ref(code), code._version, table)
+    return table
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed codes -> tensor of ``state.shape`` in ``dtype`` (default: the original dtype), written into
@@ -404,7 +429,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         return out.view(state.shape)
     absmax = dequantize_absmax(state)
     full = n - n % bs
-    table = _pair_table(state.code.float()).to(device)
+    table = _pair_table(state.code.float()) if device.type == "cpu" else _device_pair_table(state.code.float())
     _dequantize_blocks_torch(data, table, absmax, full // bs, bs, out)
     if full < n:  # the partial last block
         values = torch.index_select(table, 0, data[full // 2 :].int()).view(torch.float32)[: n - full]
@@ -420,7 +445,7 @@ def _dequantize_blocks_torch(data: torch.Tensor, table: torch.Tensor, absmax: to
     copy (an fp32 x fp32 -> bf16 ``out=`` multiply is ~5x slower in eager torch; the value is the same:
     the fp32 product rounded once). Gathering into the scratch, not the output, keeps its writes in cache.
     """
-    step = max(1, _DEQUANT_CHUNK // bs)
+    step = max(1, _DEQUANT_CHUNK // bs if data.device.type == "cpu" else n_blocks)  # a GPU takes it in one go
     index_buf = torch.empty(min(step, n_blocks) * bs // 2, dtype=torch.int32, device=data.device)  # reused
     values_buf = torch.empty(min(step, n_blocks) * bs, dtype=torch.float32, device=data.device)  # stays in cache
     for first in range(0, n_blocks, step):  # ops of a step use torch's own intra-op threads
