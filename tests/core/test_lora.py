@@ -1,4 +1,5 @@
 """LoraLinear against explicit float64 formulas: y = W0 x + b + scaling * B A x."""
+import contextlib
 import math
 
 import pytest
@@ -308,18 +309,42 @@ def test_keep_mask_rate_and_resolution():
     for lane in range(4):
         assert abs((1 - keep.flatten()[lane::4].mean().item()) - p_used) < 5 * sd
     assert keep_mask(x, 0.25)[1] == 0.25
+    assert not torch.equal(keep_mask(x, 0.1)[0], keep_mask(x, 0.1)[0])  # each call draws a fresh seed
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_keep_mask_is_the_threshold_of_16_random_bits_per_element(dtype):
-    x = torch.empty(37, 29, dtype=dtype)  # odd size: the last int64 draw is only partly used
+def _splitmix64(seed: int, n: int) -> list[int]:
+    """SplitMix64 (Steele, Lea & Flood 2014) in Python integers: the state advances by the golden gamma
+    and each output is the state mixed."""
+    mask, out, state = (1 << 64) - 1, [], seed & ((1 << 64) - 1)
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+@pytest.mark.parametrize("native_kernel", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_keep_mask_is_the_threshold_of_16_splitmix64_bits_per_element(dtype, native_kernel):
+    from loralab.core import native
+    from loralab.core.lora_fused import draw_seed
+
+    if native_kernel and native.library() is None:
+        pytest.skip(f"native kernel {native.status()}")
+    x = torch.empty(37, 29, dtype=dtype)  # odd size: the last 64-bit word is only partly used
     torch.manual_seed(3)
-    keep, p_used = keep_mask(x, 0.3)
-    torch.manual_seed(3)  # the same draw, decoded independently: 4 little-endian int16 lanes per int64
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None).tolist()
-    lanes = [((w >> (16 * k)) & 0xFFFF) - (0x10000 if (w >> (16 * k)) & 0x8000 else 0) for w in words for k in range(4)]
-    expected = torch.tensor([float(v >= round(0.3 * 65536) - 32768) for v in lanes[:x.numel()]]).view(x.shape)
-    assert keep.dtype == dtype and torch.equal(keep.float(), expected) and p_used == round(0.3 * 65536) / 65536
+    if native_kernel:
+        keep, p_used = keep_mask(x, 0.3)
+    else:
+        with native.disabled():
+            keep, p_used = keep_mask(x, 0.3)
+    torch.manual_seed(3)  # the same seed, the stream and lanes decoded independently
+    words = _splitmix64(draw_seed(), (x.numel() + 3) // 4)
+    lanes = [(w >> (16 * k)) & 0xFFFF for w in words for k in range(4)]  # low 16 bits first
+    drop = round(0.3 * 65536)
+    expected = torch.tensor([float(u >= drop) for u in lanes[:x.numel()]]).view(x.shape)
+    assert keep.dtype == dtype and torch.equal(keep.float(), expected) and p_used == drop / 65536
 
 
 def test_over_real_linear4bit():
@@ -383,27 +408,35 @@ def test_inference_with_many_rows_builds_the_dense_update_and_leaves_w0(make_bas
     assert torch.equal(base.weight, w0) and not layer.merged
 
 
-def test_dropout_node_saves_bits_not_masked_input_and_scratch_changes_nothing(monkeypatch):
-    """With dropout the node keeps x (the caller's tensor), h and 16-bit draws -- no new N x in float tensor
-    -- and the reused scratch gives the same numbers as fresh temporaries."""
-    from loralab.core import lora_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_node_saves_only_x_and_the_native_kernel_and_scratch_change_nothing(monkeypatch, dtype):
+    """With dropout the node keeps x (the caller's tensor) and h -- no mask, no masked input, no random
+    bits: backward rebuilds the mask from the seed -- and the C kernel (fp32), the torch twin and fresh
+    temporaries instead of the scratch all give the same numbers bit for bit."""
+    from loralab.core import lora_fused, native
 
-    base = nn.Linear(16, 12).requires_grad_(False)
+    base = nn.Linear(16, 12).to(dtype).requires_grad_(False)
     layer = LoraLinear(base)
     layer.update_layer("a", 4, 8, lora_dropout=0.3)
     _randomize(layer, "a")
-    x = torch.randn(40, 16, requires_grad=True)
+    x = torch.randn(40, 16, dtype=dtype, requires_grad=True)
     saved = []
     results = []
-    for cap in (lora_fused.SCRATCH_MAX_BYTES, 0):  # scratch on, then every temporary fresh
+    for cap, kernel_off in ((lora_fused.SCRATCH_MAX_BYTES, False), (0, False), (lora_fused.SCRATCH_MAX_BYTES, True)):
         monkeypatch.setattr(lora_fused, "SCRATCH_MAX_BYTES", cap)
         torch.manual_seed(7)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = layer(x)
-        grads = torch.autograd.grad(y.square().sum(), (x, layer.lora_A["a"].weight, layer.lora_B["a"].weight))
+        with native.disabled() if kernel_off else contextlib.nullcontext():
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = layer(x)
+            grads = torch.autograd.grad(y.square().sum(), (x, layer.lora_A["a"].weight, layer.lora_B["a"].weight))
         results.append((y.detach(), *grads))
-    for with_scratch, fresh in zip(*results):
-        assert torch.equal(with_scratch, fresh)
-    input_sized = [t for t in saved if t.shape == x.shape]
-    assert {t.dtype for t in input_sized} == {torch.float32, torch.int16}
-    assert all(t.data_ptr() == x.data_ptr() for t in input_sized if t.dtype == torch.float32)
+    for variant in results[1:]:
+        for got, want in zip(variant, results[0]):
+            assert torch.equal(got, want)
+    input_sized = [t for t in saved if t.numel() >= x.numel()]
+    assert input_sized and all(t.data_ptr() == x.data_ptr() for t in input_sized)
+    assert not any(t.dtype in (torch.int16, torch.int64, torch.bool) for t in saved)
+    # and dropout really happened: the LoRA gradient differs from the undropped one
+    layer.eval()
+    undropped = torch.autograd.grad(layer(x).square().sum(), layer.lora_A["a"].weight)[0]
+    assert not torch.allclose(undropped, results[0][2])

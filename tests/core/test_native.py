@@ -25,7 +25,7 @@ def test_kernel_builds_and_is_cached(tmp_path, monkeypatch):
     assert native.status() in ("avx2", "scalar")
     monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
     native._build()
-    built = list((tmp_path / "native").glob("libloralab_dequant4bit-*.so"))
+    built = list((tmp_path / "native").glob("libloralab_native-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     native._build()  # same source, compiler and machine: the cached library, not a new build
@@ -114,3 +114,43 @@ def test_lora_over_4bit_step_identical_with_and_without_native():
         results.append((y.detach(), xi.grad, layer.lora_A["default"].weight.grad.clone()))
     for fast, reference in zip(*results):
         assert torch.equal(fast, reference)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 1000, 4097])
+@pytest.mark.parametrize("drop", [1, 6554, 32768, 65535])
+def test_dropout_kernel_equals_the_torch_twin_bit_for_bit(n, drop):
+    """dropout.c against lora_fused's torch SplitMix64 twin: the mask, x * mask and acc += x * mask, for
+    sizes that end inside a 64-bit word and drop thresholds from 1/65536 to 65535/65536."""
+    from loralab.core.lora_fused import keep_from_seed
+
+    g = torch.Generator().manual_seed(n)
+    x, acc = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    x[: min(n, 3)] = torch.tensor([float("inf"), float("nan"), -0.0])[: min(n, 3)]  # x * 0 must match torch's
+    for seed in (0, 1, -1, 2**63 - 1, -(2**63), 0x1234_5678_9ABC_DEF0):
+        out, added = torch.empty(n), acc.clone()
+        assert native.dropout(None, out, seed, drop)
+        with native.disabled():
+            keep = keep_from_seed(x, seed, drop)
+        assert torch.equal(out, keep)
+        assert native.dropout(x, out, seed, drop)
+        assert torch.equal(out.nan_to_num(7.0), (x * keep).nan_to_num(7.0))
+        assert native.dropout(x, added, seed, drop, accumulate=True)
+        assert torch.equal(added.nan_to_num(7.0), acc.addcmul(x, keep).nan_to_num(7.0))
+    rate = 1 - keep_from_seed(torch.empty(200_000), 99, drop).mean().item()
+    assert abs(rate - drop / 65536) < 5 * (drop / 65536 * (1 - drop / 65536) / 200_000) ** 0.5 + 1e-9
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+def test_dropout_kernel_refuses_what_it_cannot_read():
+    x = torch.randn(8, 6)
+    assert not native.dropout(x.t(), torch.empty(6, 8), 1, 100)  # not contiguous
+    assert not native.dropout(x.double(), torch.empty(8, 6, dtype=torch.float64), 1, 100)  # not fp32
+    assert not native.dropout(x, torch.empty(47), 1, 100)  # sizes differ
+    for drop in (0, 65536):  # keep all / drop all: the torch path (the kernel's 16-bit compare can't say it)
+        assert not native.dropout(x, torch.empty(8, 6), 1, drop)
+    from loralab.core.lora import keep_mask
+
+    assert keep_mask(x, 0.0)[0].eq(1).all()
+    with native.disabled():
+        assert not native.dropout(x, torch.empty(8, 6), 1, 100)

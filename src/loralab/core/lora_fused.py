@@ -4,12 +4,17 @@
 
 Why one node: plain autograd would keep an N x out temporary for the update, add it with a second pass,
 and sum the two gradients w.r.t. x in a third; here the update is accumulated in place into the base
-output and both gradients into one buffer. Dropout draws 16 random bits per element (:func:`keep_mask`);
-the node saves those bits (2 bytes per input element) rather than the masked input and a float mask
-(8 bytes), and rebuilds the mask in backward. The N x in temporaries of the dropout path (mask, masked
-input, the LoRA part of dx) live in a per-thread scratch reused by every layer of the same shape: on
-CPU, fresh multi-MB tensors are new mappings whose page faults cost more than the passes that fill them
-(measured on a 384-wide encoder, 4096 rows: ~2,000 faults per layer step with fresh tensors).
+output and both gradients into one buffer.
+
+Dropout draws one 64-bit seed from torch's CPU generator per call (so ``torch.manual_seed`` and a
+checkpoint's RNG state fix it) and gives element i of x 16 random bits: lane i % 4 (low lane first) of
+word i // 4 of the SplitMix64 stream of that seed (:func:`splitmix64_words`); the element is dropped when
+its bits are below round(p * 2^16). The bits of any element can be computed on their own, so the node
+saves only the seed and backward rebuilds the mask. On CPU fp32 the C kernel of :mod:`loralab.core.native`
+applies the mask in the same pass that computes it (torch's serial mt19937 generator alone took ~1.5 ms
+per 4096 x 384 input); everywhere else (GPU, float64, no compiler) the torch twin below gives the same
+bits. The N x in temporaries live in a per-thread scratch reused by every layer of the same shape: on
+CPU, fresh multi-MB tensors are new mappings whose page faults cost more than the passes that fill them.
 """
 
 from __future__ import annotations
@@ -17,9 +22,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loralab.core import native
 from loralab.core.scratch import scratch
 
 SCRATCH_MAX_BYTES = 64 << 20  # larger temporaries are allocated normally (their faults are small next to the matmuls)
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_LANE_SIGNS = 0x8000800080008000  # flips each 16-bit lane's top bit: unsigned lane order -> int16 order
+
+
+def _int64(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64_words(n_words: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Words 0..n_words-1 of the SplitMix64 stream of ``seed`` (int64 bit patterns; products wrap mod 2^64):
+    ``word(w) = mix(seed + (w + 1) * 0x9E3779B97F4A7C15)``, mix as in Steele, Lea & Flood (2014)."""
+    z = torch.arange(1, n_words + 1, dtype=torch.int64, device=device).mul_(_int64(_GOLDEN)).add_(_int64(seed))
+    z = (z ^ _shift_right(z, 30)).mul_(_int64(_MIX1))
+    z = (z ^ _shift_right(z, 27)).mul_(_int64(_MIX2))
+    return z ^ _shift_right(z, 31)
+
+
+def draw_seed() -> int:
+    """One 64-bit seed from torch's default CPU generator (no device sync on a GPU)."""
+    return int(torch.empty(1, dtype=torch.int64).random_(-(2**63), None).item())
 
 
 def _scratch(like: torch.Tensor, slot: int) -> torch.Tensor:
@@ -29,38 +62,51 @@ def _scratch(like: torch.Tensor, slot: int) -> torch.Tensor:
     return scratch(f"lora-dropout-{slot}", like.shape, like.dtype, like.device)
 
 
-def dropout_bits(x: torch.Tensor) -> torch.Tensor:
-    """16 fresh random bits per element of ``x`` (int16, x's shape): four lanes of each int64 draw."""
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    return words.view(torch.int16)[:n].view(x.shape)
+def keep_from_seed(like: torch.Tensor, seed: int, drop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The keep mask (1 where kept, 0 where dropped) of ``seed`` for a tensor like ``like``, in its dtype."""
+    keep = torch.empty(like.shape, dtype=like.dtype, device=like.device) if out is None else out
+    if native.dropout(None, keep, seed, drop):
+        return keep
+    n = like.numel()
+    words = splitmix64_words((n + 3) // 4, seed, like.device) ^ _int64(_LANE_SIGNS)
+    lanes = words.view(torch.int16)[:n].view(like.shape)  # little-endian: lane 0 is the low 16 bits
+    return torch.ge(lanes, drop - 32768, out=keep)  # the compare writes floats directly: no bool pass
 
 
-def _keep_from_bits(bits: torch.Tensor, drop: int, dtype: torch.dtype, out: torch.Tensor | None = None):
-    keep = torch.empty(bits.shape, dtype=dtype, device=bits.device) if out is None else out
-    return torch.ge(bits, drop - 32768, out=keep)  # the compare writes floats directly: no bool pass
+def _masked(x: torch.Tensor, seed: int, drop: int) -> torch.Tensor:
+    """x * keep, in scratch slot 1 (the kernel in one pass, else the torch mask in slot 0 and a multiply)."""
+    out = _scratch(x, 1)
+    if native.dropout(x, out, seed, drop):
+        return out
+    return torch.mul(x, keep_from_seed(x, seed, drop, _scratch(x, 0)), out=out)
+
+
+def _add_masked(acc: torch.Tensor, t: torch.Tensor, seed: int, drop: int) -> None:
+    """acc += t * keep (t lives in scratch slot 1; the torch mask takes slot 0)."""
+    if not native.dropout(t, acc, seed, drop, accumulate=True):
+        acc.addcmul_(t, keep_from_seed(t, seed, drop, _scratch(t, 0)))
 
 
 def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """Dropout keep-mask (1 with probability 1 - p, else 0) in x's dtype, and the exact drop probability used.
 
-    Each element gets 16 fresh random bits and is dropped when they fall below round(p * 2^16), so p is
-    honoured up to 2^-16 (0.1 -> 0.100006); on CPU this costs a quarter of torch's dropout kernel. The
-    caller rescales by 1 / (1 - p_used), keeping the update unbiased.
+    Draws a seed (:func:`draw_seed`) exactly as the fused node does, so after the same ``torch.manual_seed``
+    it returns the node's mask. p is honoured up to 2^-16 (0.1 -> 0.100006); the caller rescales by
+    1 / (1 - p_used), keeping the update unbiased.
     """
     drop = round(p * 65536)
-    return _keep_from_bits(dropout_bits(x), drop, x.dtype), drop / 65536
+    return keep_from_seed(x, draw_seed(), drop), drop / 65536
 
 
 class BasePlusLora(torch.autograd.Function):
     """y = x W^T + b + s B A drop(x) for a frozen W, as one autograd node (x is N x in).
 
-    With the keep mask m and c = 1 / (1 - p), drop(x) = c (m * x); write x_m = m * x, h = x_m A^T.
+    With the keep mask m of the call's seed and c = 1 / (1 - p), drop(x) = c (m * x); write x_m = m * x,
+    h = x_m A^T.
     Forward: the base addmm, h (one matmul for all slices), then ``y[:, slot] += s c h_i B_i^T`` in place
     (no autograd views, no extra N x out tensor). Backward, with g = dL/dy and g_h = s c g B (per slice):
         dL/dB = s c g^T h,   dL/dA = g_h^T x_m,   dL/dx = g W + (g_h A) * m,   dL/db = sum_rows g
-    Saved for backward: x, h (N x r*k) and, with dropout, the 16-bit draws that give m (m and x_m are
-    rebuilt from them). A 4-bit base passes ``weight=None`` and ``rebuild``, which returns W in the
+    Saved for backward: x and h (N x r*k); with dropout, the seed (m and x_m are rebuilt from it). A 4-bit base passes ``weight=None`` and ``rebuild``, which returns W in the
     compute dtype; W is rebuilt again in backward, never saved.
     """
 
@@ -70,28 +116,27 @@ class BasePlusLora(torch.autograd.Function):
         w = rebuild() if rebuild is not None else weight
         w_t = w if transposed else w.t()  # (in, out)
         y = torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
-        bits, drop, x_m = None, 0, x
-        if p > 0:
-            bits, drop = dropout_bits(x), round(p * 65536)
-            x_m = torch.mul(x, _keep_from_bits(bits, drop, x.dtype, _scratch(x, 0)), out=_scratch(x, 1))
+        seed, drop, x_m = 0, round(p * 65536), x
+        if drop > 0:
+            seed = draw_seed()
+            x_m = _masked(x, seed, drop)
         sc = s / (1.0 - drop / 65536)
         h = F.linear(x_m, A)
-        del x_m  # rebuilt in backward from x and the bits
+        del x_m  # rebuilt in backward from x and the seed
         if plan is None:
             y.addmm_(h, B.t(), alpha=sc)
         else:
             r, d, slices = plan
             for i, slot in slices:
                 y[:, slot * d:(slot + 1) * d].addmm_(h[:, i * r:(i + 1) * r], B[i * d:(i + 1) * d].t(), alpha=sc)
-        ctx.save_for_backward(x, h, weight, A, B, bits)
-        ctx.meta = (sc, transposed, plan, drop)
+        ctx.save_for_backward(x, h, weight, A, B)
+        ctx.meta = (sc, transposed, plan, drop, seed)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, h, weight, A, B, bits = ctx.saved_tensors
-        sc, transposed, plan, drop = ctx.meta
-        keep = None if bits is None else _keep_from_bits(bits, drop, x.dtype, _scratch(x, 0))
+        x, h, weight, A, B = ctx.saved_tensors
+        sc, transposed, plan, drop, seed = ctx.meta
         if ctx.rebuild is not None and ctx.needs_input_grad[0]:
             weight = ctx.rebuild()
         if plan is None:
@@ -108,13 +153,13 @@ class BasePlusLora(torch.autograd.Function):
             g_B.mul_(sc)
         g_A = None
         if ctx.needs_input_grad[3]:
-            g_A = g_h.t() @ (x if keep is None else torch.mul(x, keep, out=_scratch(x, 1)))
+            g_A = g_h.t() @ (x if drop == 0 else _masked(x, seed, drop))
         g_x = None
         if ctx.needs_input_grad[0]:
             g_x = g @ (weight.t() if transposed else weight)
-            if keep is None:
+            if drop == 0:
                 g_x.addmm_(g_h, A)
             else:
-                g_x.addcmul_(torch.mm(g_h, A, out=_scratch(x, 1)), keep)
+                _add_masked(g_x, torch.mm(g_h, A, out=_scratch(x, 1)), seed, drop)
         g_b = g.sum(0) if ctx.needs_input_grad[2] else None
         return g_x, None, g_b, g_A, g_B, None, None, None, None, None
