@@ -106,8 +106,9 @@ class BasePlusLora(torch.autograd.Function):
     Forward: the base addmm, h (one matmul for all slices), then ``y[:, slot] += s c h_i B_i^T`` in place
     (no autograd views, no extra N x out tensor). Backward, with g = dL/dy and g_h = s c g B (per slice):
         dL/dB = s c g^T h,   dL/dA = g_h^T x_m,   dL/dx = g W + (g_h A) * m,   dL/db = sum_rows g
-    Saved for backward: x and h (N x r*k); with dropout, the seed (m and x_m are rebuilt from it). A 4-bit base passes ``weight=None`` and ``rebuild``, which returns W in the
-    compute dtype; W is rebuilt again in backward, never saved.
+    Saved for backward: x and h (N x r*k); with dropout, the seed (m and x_m are rebuilt from it).
+    A 4-bit base passes ``weight=None`` and ``rebuild``, which returns W in the compute dtype; W is
+    rebuilt again in backward, never saved.
     """
 
     @staticmethod
