@@ -24,7 +24,8 @@ the pairs of a round in rotating order), as (a1 + a2) / (b1 + b2): 5 rounds of t
 2), then 10 of the inference pairs, so slow drifts of a shared machine's speed and any penalty for running
 first cancel inside each round.
 Ratios are medians over rounds of the paired ratios, for wall time (the headline keys) and for process CPU
-time (``cpu_time``: less sensitive to other jobs on a shared machine). OMP_WAIT_POLICY defaults to PASSIVE
+time (``cpu_time``: less sensitive to other jobs on a shared machine); ``paired_wall_ratios`` keeps every
+round's ratio, so the spread behind a median can be read. OMP_WAIT_POLICY defaults to PASSIVE
 here so that, on an oversubscribed machine, idle OpenMP threads sleep instead of spinning.
 Writes bench/results/lora_overhead.json (--quick: lora_overhead_quick.json).
 """
@@ -189,7 +190,8 @@ def run(kind: str, batch: int, seq: int, rounds: int) -> dict:
         return {k: statistics.median(v) for k, v in samples.items()}
 
     return {"batch": batch, "seq": seq, "rounds": rounds, **medians(pair_wall), "cpu_time": medians(pair_cpu),
-            "median_wall_s": medians(wall), "median_cpu_s": medians(cpu)}
+            "median_wall_s": medians(wall), "median_cpu_s": medians(cpu),
+            "paired_wall_ratios": pair_wall}  # every round's ratio: the spread behind each median
 
 
 INFERENCE = ("base", "base_copy", "unmerged", "merged")

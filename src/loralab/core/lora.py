@@ -306,7 +306,19 @@ class LoraLinear(LoraLayer):
         """y = x (W0 + s B A)^T + b with the effective weight built for this call only (the base is unchanged)."""
         base = self.base_layer
         w = base.rebuilt_weight() if self._rebuilds else base.weight
-        w = w + self.delta_weight(name).to(w.dtype)  # a fresh tensor: never in place, W0 stays unmerged
+        A, B, s = self.lora_A[name].weight.to(w.dtype), self.lora_B[name].weight.to(w.dtype), self.scaling[name]
+        conv1d, plan = self.kind == "conv1d", self._slice_plan(name)
+        if plan is None:  # one fused GEMM W + s B A into a fresh tensor: never in place, W0 stays unmerged
+            w = torch.addmm(w, A.t(), B.t(), alpha=s) if conv1d else torch.addmm(w, B, A, alpha=s)
+        else:
+            r, d, slices = plan
+            w = w.clone()
+            for i, slot in slices:
+                A_i, B_i = A[i * r:(i + 1) * r], B[i * d:(i + 1) * d]
+                if conv1d:
+                    w[:, slot * d:(slot + 1) * d].addmm_(A_i.t(), B_i.t(), alpha=s)
+                else:
+                    w[slot * d:(slot + 1) * d].addmm_(B_i, A_i, alpha=s)
         x2 = x.reshape(-1, self.in_features)
         w_t = w if self.kind == "conv1d" else w.t()
         y = torch.addmm(base.bias, x2, w_t) if base.bias is not None else x2 @ w_t
