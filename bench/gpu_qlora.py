@@ -167,7 +167,8 @@ def main() -> None:
         args.out.write_text(json.dumps(out, indent=2))
 
     ckpt = write_checkpoint("135m", args.ckpt_dir / "135m")
-    print(f"TIME 135M shape, batch {GPU_BATCH['135m']}, {args.rounds} rounds of {args.warmup} warmup + {args.steps} steps")
+    print(f"TIME 135M shape, batch {GPU_BATCH['135m']}, {args.rounds} rounds of {args.warmup} warmup + "
+          f"{args.steps} steps")
     per_round: list[dict[str, float]] = []
     out["runs_135m"] = []
     for r in range(args.rounds):

@@ -72,7 +72,8 @@ def quantize_8bit_search(code: np.ndarray, x: f32) -> int:
 def _edge_values(thresholds) -> np.ndarray:
     """Every threshold exactly, one float32 ulp either side, their negatives, zeros, +-1, NaN, randoms."""
     t = np.array(thresholds, dtype=f32)
-    vals = [t, np.nextafter(t, f32(2)), np.nextafter(t, f32(-2)), -t, np.nextafter(-t, f32(2)), np.nextafter(-t, f32(-2))]
+    vals = [t, np.nextafter(t, f32(2)), np.nextafter(t, f32(-2)),
+            -t, np.nextafter(-t, f32(2)), np.nextafter(-t, f32(-2))]
     vals.append(np.array([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, np.nan], dtype=f32))
     vals.append(np.random.default_rng(0).uniform(-1, 1, 4000).astype(f32))
     return np.concatenate(vals)

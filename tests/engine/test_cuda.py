@@ -38,7 +38,8 @@ def _task(hook=None):
 
 def _train(run_dir: Path, resume=False, hook=None, **cfg) -> dict[str, torch.Tensor]:
     model = toy_model(dropout=0.3).cuda()
-    result = fit(model, _task(hook), ToyTrainConfig(save_every=3, **cfg), run_dir=run_dir, resume=resume, log=lambda *_: None)
+    result = fit(model, _task(hook), ToyTrainConfig(save_every=3, **cfg), run_dir=run_dir, resume=resume,
+                 log=lambda *_: None)
     assert result.global_step == 24
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 

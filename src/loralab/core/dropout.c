@@ -55,7 +55,8 @@ __attribute__((target("avx2"))) static void masked_avx2(const float *x, float *o
     const __m256i m2 = _mm256_set1_epi64x((long long)MIX2), m2_hi = _mm256_set1_epi64x((long long)(MIX2 >> 32));
     const __m256i step = _mm256_set1_epi64x((long long)(4 * GAMMA));
     const __m256i signs = _mm256_set1_epi16((short)0x8000);
-    const __m256i bound = _mm256_set1_epi16((short)((int)drop - 1 - 32768)); /* u >= drop  <=>  u^0x8000 > drop-1-32768 */
+    /* u >= drop  <=>  (u ^ 0x8000 as int16) > drop - 1 - 32768   (drop in 1..65535) */
+    const __m256i bound = _mm256_set1_epi16((short)((int)drop - 1 - 32768));
     const __m256 one = _mm256_set1_ps(1.0f);
     uint64_t z0 = seed + (uint64_t)(w0 + 1) * GAMMA;
     __m256i z = _mm256_setr_epi64x((long long)z0, (long long)(z0 + GAMMA), (long long)(z0 + 2 * GAMMA),

@@ -21,11 +21,12 @@ The forward works on activations: h = A_cat x (one matmul), then slice i of the 
 ``scaling * B_i h_i``; the dense (3d x in) update is only built by ``merge``.
 
 Speed: with one active adapter over a frozen nn.Linear / Conv1D (the training case) the base matmul and
-the LoRA branch run as one autograd node (``BasePlusLora`` in lora_fused.py): the update is accumulated in place into the
-base output and the two gradients w.r.t. x into one buffer, and the dropout mask (16 bits per element
-from a seeded counter stream, ``keep_mask``: p honoured to 2^-16) is rebuilt in backward, never saved. Without gradients (inference) and with more rows than
-in*out/(in+out), the forward instead builds ``W0 + s B A`` for the call and runs one matmul: the two
-skinny LoRA products cost more than building the dense update then (W0 itself is never changed).
+the LoRA branch run as one autograd node (``BasePlusLora`` in lora_fused.py): the update is accumulated
+in place into the base output and the two gradients w.r.t. x into one buffer, and the dropout mask (16
+bits per element from a seeded counter stream, ``keep_mask``: p honoured to 2^-16) is rebuilt in
+backward, never saved. Without gradients (inference) and with more rows than in*out/(in+out), the
+forward instead builds ``W0 + s B A`` for the call (one fused addmm) and runs one matmul: the two skinny
+LoRA products cost more than building the dense update then (W0 itself is never changed).
 Every other case (several adapters, 4-bit or unknown
 bases, mixed dtypes, autocast, hooks) uses plain autograd; both give the same numbers (tested).
 """

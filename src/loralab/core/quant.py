@@ -12,8 +12,9 @@ midpoints strictly below ``s`` equals ``bucketize(s, midpoints)``: a value exact
 the lower code. That tie rule, the reciprocal-multiply for full blocks and the true division for a short
 last block are what bitsandbytes' CPU path does, so packed bytes and absmax are bit-identical to
 ``bitsandbytes.functional.quantize_4bit`` (0.50.x) on the CPU. On a GPU, NF4/FP4 follow bnb's CUDA
-kernel instead, whose arithmetic differs in places (quant_cuda.py). Two codes share a byte: element ``2i`` in the high
-nibble, element ``2i+1`` in the low nibble; the packed tensor has bnb's shape ``(ceil(n/2), 1)``.
+kernel instead, whose arithmetic differs in places (quant_cuda.py). Two codes share a byte: element
+``2i`` in the high nibble, element ``2i+1`` in the low nibble; the packed tensor has bnb's shape
+``(ceil(n/2), 1)``.
 
 Dequantization is ``w_hat = c[q] * absmax_b`` computed in fp32 and rounded once to the output dtype.
 

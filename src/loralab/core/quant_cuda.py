@@ -93,11 +93,13 @@ def quantize_4bit_blocks(flat: torch.Tensor, quant_type: str, block_size: int) -
     """(packed uint8 of ceil(n/2) bytes, fp32 absmax per block) of a 1-D tensor, bnb-CUDA bit for bit."""
     _, absmax, scaled = _blocks(flat, block_size)
     n = flat.numel()
-    codes = codes_4bit(scaled.view(-1)[: n + n % 2], quant_type).view(-1, 2)  # odd n: the pad value fills the low nibble
+    # odd n: the pad value (0 * 1/absmax) fills the last low nibble, as bnb's zero-filled block load does
+    codes = codes_4bit(scaled.view(-1)[: n + n % 2], quant_type).view(-1, 2)
     return (codes[:, 0] << 4) | codes[:, 1], absmax
 
 
-def quantize_8bit_blocks(values: torch.Tensor, code: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_8bit_blocks(values: torch.Tensor, code: torch.Tensor,
+                         block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 code indices, fp32 absmax per block): dQuantize<0>'s binary search over the 256 sorted codes.
 
     The search compares ``s > code[pivot]`` at pivots 127 +- 64, 32, ..., 1, remembering the last pivot
