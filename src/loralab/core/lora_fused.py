@@ -73,18 +73,21 @@ def keep_from_seed(like: torch.Tensor, seed: int, drop: int, out: torch.Tensor |
     return torch.ge(lanes, drop - 32768, out=keep)  # the compare writes floats directly: no bool pass
 
 
-def _masked(x: torch.Tensor, seed: int, drop: int) -> torch.Tensor:
-    """x * keep, in scratch slot 1 (the kernel in one pass, else the torch mask in slot 0 and a multiply)."""
+def _masked(x: torch.Tensor, seed: int, drop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x * keep in scratch slot 1, the torch mask in slot 0 or None): the kernel does it in one pass; the
+    torch path builds the mask, which the caller may reuse while slot 0 is untouched."""
     out = _scratch(x, 1)
     if native.dropout(x, out, seed, drop):
-        return out
-    return torch.mul(x, keep_from_seed(x, seed, drop, _scratch(x, 0)), out=out)
+        return out, None
+    keep = keep_from_seed(x, seed, drop, _scratch(x, 0))
+    return torch.mul(x, keep, out=out), keep
 
 
-def _add_masked(acc: torch.Tensor, t: torch.Tensor, seed: int, drop: int) -> None:
-    """acc += t * keep (t lives in scratch slot 1; the torch mask takes slot 0)."""
-    if not native.dropout(t, acc, seed, drop, accumulate=True):
-        acc.addcmul_(t, keep_from_seed(t, seed, drop, _scratch(t, 0)))
+def _add_masked(acc: torch.Tensor, t: torch.Tensor, seed: int, drop: int, keep: torch.Tensor | None) -> None:
+    """acc += t * keep (t lives in scratch slot 1; a mask not given is rebuilt, by the kernel or in slot 0)."""
+    if keep is None and native.dropout(t, acc, seed, drop, accumulate=True):
+        return
+    acc.addcmul_(t, keep if keep is not None else keep_from_seed(t, seed, drop, _scratch(t, 0)))
 
 
 def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
@@ -120,7 +123,7 @@ class BasePlusLora(torch.autograd.Function):
         seed, drop, x_m = 0, round(p * 65536), x
         if drop > 0:
             seed = draw_seed()
-            x_m = _masked(x, seed, drop)
+            x_m = _masked(x, seed, drop)[0]
         sc = s / (1.0 - drop / 65536)
         h = F.linear(x_m, A)
         del x_m  # rebuilt in backward from x and the seed
@@ -152,15 +155,16 @@ class BasePlusLora(torch.autograd.Function):
                 g_B[rows] = (h[:, i * r:(i + 1) * r].t() @ g_slot).t()
             g_h.mul_(sc)
             g_B.mul_(sc)
-        g_A = None
+        g_A, keep = None, None  # keep: the torch path's mask, built once for both uses below
         if ctx.needs_input_grad[3]:
-            g_A = g_h.t() @ (x if drop == 0 else _masked(x, seed, drop))
+            x_m, keep = (x, None) if drop == 0 else _masked(x, seed, drop)
+            g_A = g_h.t() @ x_m
         g_x = None
         if ctx.needs_input_grad[0]:
             g_x = g @ (weight.t() if transposed else weight)
             if drop == 0:
                 g_x.addmm_(g_h, A)
             else:
-                _add_masked(g_x, torch.mm(g_h, A, out=_scratch(x, 1)), seed, drop)
+                _add_masked(g_x, torch.mm(g_h, A, out=_scratch(x, 1)), seed, drop, keep)
         g_b = g.sum(0) if ctx.needs_input_grad[2] else None
         return g_x, None, g_b, g_A, g_B, None, None, None, None, None
