@@ -11,15 +11,15 @@
  */
 #include <stdint.h>
 
-static inline uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-
 #define GAMMA 0x9E3779B97F4A7C15ULL
 #define MIX1 0xBF58476D1CE4E5B9ULL
 #define MIX2 0x94D049BB133111EBULL
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * MIX1;
+    z = (z ^ (z >> 27)) * MIX2;
+    return z ^ (z >> 31);
+}
 
 static inline uint64_t word(uint64_t seed, int64_t w) { return mix64(seed + (uint64_t)(w + 1) * GAMMA); }
 
@@ -32,8 +32,9 @@ static inline void apply(const float *x, float *out, int64_t i, float keep, int 
 
 static void masked_scalar(const float *x, float *out, int64_t first, int64_t last, uint64_t seed, uint32_t drop,
                           int mode) {
+    uint64_t r = 0;
     for (int64_t i = first; i < last; i++) {
-        uint64_t r = word(seed, i >> 2);
+        if (i == first || (i & 3) == 0) r = word(seed, i >> 2); /* one word per 4 elements */
         apply(x, out, i, (float)(((r >> (16 * (i & 3))) & 0xFFFF) >= drop), mode);
     }
 }

@@ -227,6 +227,30 @@ def _quantize_full_blocks(
         work(0, absmax.numel())
 
 
+def _quantize_4bit_blocks(flat: torch.Tensor, quant_type: QuantType,
+                          block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 of ceil(n/2) bytes, fp32 absmax per block) of a 1-D tensor, bnb-CPU bit for bit."""
+    midpoints, order = _bounds(quant_type)
+    bounds = midpoints.tolist()
+    sort_to_code = None if quant_type == "nf4" else order  # NF4's codes are already sorted
+    n = flat.numel()
+    full = n - n % block_size
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=flat.device)
+    _quantize_full_blocks(flat, block_size, bounds, sort_to_code, packed, absmax[: full // block_size])
+    if full < n:  # short last block: bnb's CPU kernel divides by its absmax instead of multiplying by 1/absmax
+        tail = flat[full:].float()
+        tail_max = tail.abs().max()
+        absmax[-1] = tail_max
+        scaled = tail / tail_max.clamp(min=1e-38)
+        if scaled.numel() % 2:
+            scaled = torch.cat([scaled, scaled.new_zeros(1)])
+        codes = _codes_from_scaled(scaled, bounds, sort_to_code, torch.empty_like(scaled, dtype=torch.uint8),
+                                   torch.empty_like(scaled, dtype=torch.bool)).view(-1, 2)
+        packed[full // 2 :] = (codes[:, 0] << 4) | codes[:, 1]
+    return packed, absmax
+
+
 def quantize_4bit(
     weight: torch.Tensor,
     quant_type: QuantType = "nf4",
@@ -239,40 +263,20 @@ def quantize_4bit(
     Raises ValueError naming ``name`` for NaN/Inf values, TypeError for non-float dtypes.
     """
     check_block_size(block_size)
-    midpoints, order = _bounds(quant_type)
-    bounds = midpoints.tolist()
-    sort_to_code = None if quant_type == "nf4" else order  # NF4's codes are already sorted
+    code = codebook(quant_type)  # an unknown quant_type fails here, first
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"cannot quantize {name}: dtype {weight.dtype} is not float32/float16/bfloat16")
     if weight.numel() == 0:
         raise ValueError(f"cannot quantize {name}: it is empty")
     flat = weight.detach().reshape(-1)
-    n = flat.numel()
-    full = n - n % block_size
     cuda_kernel = flat.device.type == "cuda" and quant_type != "int4"  # bnb's CUDA arithmetic (quant_cuda.py)
-    if cuda_kernel:
-        packed, absmax = quant_cuda.quantize_4bit_blocks(flat, quant_type, block_size)
-        full = n
-    else:
-        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
-        absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=flat.device)
-        _quantize_full_blocks(flat, block_size, bounds, sort_to_code, packed, absmax[: full // block_size])
-    if full < n:  # short last block: bnb's CPU kernel divides by its absmax instead of multiplying by 1/absmax
-        tail = flat[full:].float()
-        tail_max = tail.abs().max()
-        absmax[-1] = tail_max
-        scaled = tail / tail_max.clamp(min=1e-38)
-        if scaled.numel() % 2:
-            scaled = torch.cat([scaled, scaled.new_zeros(1)])
-        codes = _codes_from_scaled(scaled, bounds, sort_to_code, torch.empty_like(scaled, dtype=torch.uint8),
-                                   torch.empty_like(scaled, dtype=torch.bool)).view(-1, 2)
-        packed[full // 2 :] = (codes[:, 0] << 4) | codes[:, 1]
+    blocks = quant_cuda.quantize_4bit_blocks if cuda_kernel else _quantize_4bit_blocks
+    packed, absmax = blocks(flat, quant_type, block_size)
     if not bool(torch.isfinite(absmax).all()):  # a NaN/Inf anywhere makes its block's absmax NaN/Inf
         bad = int((~torch.isfinite(absmax)).sum())
         raise ValueError(f"cannot quantize {name}: NaN/Inf values in {bad} of {absmax.numel()} blocks; "
                          "fix the weights or skip this tensor")
-    state = QuantState(quant_type, block_size, tuple(weight.shape), weight.dtype, absmax,
-                       codebook(quant_type).to(flat.device))
+    state = QuantState(quant_type, block_size, tuple(weight.shape), weight.dtype, absmax, code.to(flat.device))
     if double_quant:
         state.offset = absmax.mean()
         state.nested_code = dynamic_map_signed().to(flat.device)
