@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qlora_step import SHAPES, TARGETS, write_checkpoint  # noqa: E402
+import qlora_step  # noqa: E402
+from qlora_step import SHAPES, write_checkpoint  # noqa: E402
 
 VARIANTS = ("lora_bf16", "qlora", "peft_bnb")
 GPU_BATCH = {"135m": (8, 512), "1b": (4, 512)}
@@ -38,45 +39,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "gpu_qlora.json"
 
 
 def _build(variant: str, ckpt: Path, checkpointing: bool):
+    """bench/qlora_step.py's builder, in bf16 on the GPU (``lora_bf16`` is its ``lora`` variant)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    if variant == "peft_bnb":
-        import peft
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=quant, dtype=torch.bfloat16,
-                                                     device_map="cuda")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                           target_modules=TARGETS))
-    else:
-        from loralab.core.config import LoraConfig
-        from loralab.core.inject import inject_adapter
-
-        if variant == "lora_bf16":
-            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map="cuda")
-        else:
-            from transformers import AutoConfig
-
-            from loralab.core.quant_io import load_model_4bit
-
-            config = AutoConfig.from_pretrained(ckpt)
-            model = load_model_4bit(ckpt, lambda: AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16),
-                                    quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
-                                    skip_modules=("lm_head",)).to("cuda")
-        model.requires_grad_(False)
-        inject_adapter(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
-        model.to("cuda")
-    if checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:  # older 5.x (as on some GPU images)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
-    return model
+    return qlora_step._build("lora" if variant == "lora_bf16" else variant, ckpt, checkpointing,
+                             dtype=torch.bfloat16, device="cuda")
 
 
 def worker(variant: str, shape: str, warmup: int, steps: int, checkpointing: bool, ckpt: Path) -> dict:

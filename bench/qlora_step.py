@@ -92,17 +92,20 @@ def write_checkpoint(shape: str, directory: Path) -> Path:
     return directory
 
 
-def _build(variant: str, ckpt: Path, checkpointing: bool):
+def _build(variant: str, ckpt: Path, checkpointing: bool, dtype=None, device: str = "cpu"):
+    """One variant's model, in ``dtype`` (default fp32: weights and compute) on ``device``; bench/gpu_qlora.py
+    builds its bf16 CUDA variants here too."""
     import torch
 
+    dtype = dtype or torch.float32
     if variant == "peft_bnb":
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=quant, dtype=torch.float32,
-                                                     device_map="cpu")
+                                   bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=quant, dtype=dtype,
+                                                     device_map=device)
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                            target_modules=TARGETS))
     else:
@@ -112,29 +115,32 @@ def _build(variant: str, ckpt: Path, checkpointing: bool):
         if variant == "lora":
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, device_map="cpu")
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map=device)
         else:
-            model = _load_loralab_4bit(ckpt)
+            model = _load_loralab_4bit(ckpt, dtype).to(device)
         model.requires_grad_(False)
         inject_adapter(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+        model.to(device)
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # older 5.x (as on some GPU images)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     return model
 
 
-def _load_loralab_4bit(ckpt: Path):
-    """Meta model + loralab's streaming 4-bit loader (NF4, double quant, fp32 compute): each Linear
+def _load_loralab_4bit(ckpt: Path, dtype):
+    """Meta model + loralab's streaming 4-bit loader (NF4, double quant, ``dtype`` compute): each Linear
     weight is quantized as it is read, so no full-precision copy of the linears ever exists."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from loralab.core.linear4bit import load_model_4bit
 
     config = AutoConfig.from_pretrained(ckpt)
-    return load_model_4bit(ckpt, lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32),
-                           quant_type="nf4", double_quant=True, compute_dtype=torch.float32,
+    return load_model_4bit(ckpt, lambda: AutoModelForCausalLM.from_config(config, dtype=dtype),
+                           quant_type="nf4", double_quant=True, compute_dtype=dtype,
                            skip_modules=("lm_head",))
 
 
