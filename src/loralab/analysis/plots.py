@@ -61,9 +61,7 @@ def phi_heatmap(phi: list[list[float | None]], path: str | Path, title: str = ""
 def _cmap():
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("0.75")
-    return cmap
+    return colormaps["viridis"].with_extremes(bad="0.75")
 
 
 def _ticks(ax, shape: tuple[int, int]) -> None:

@@ -1,0 +1,1 @@
+"""Tests of loralab.analysis against independent float64 computations."""
