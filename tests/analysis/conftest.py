@@ -17,8 +17,8 @@ def write_adapter(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tenso
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, (A, B) in factors.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.clone().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.clone().contiguous()
     save_file(tensors, str(path / "adapter_model.safetensors"))
     cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 8}
     cfg.update(config)
@@ -28,7 +28,7 @@ def write_adapter(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tenso
 
 def write_base(path: Path, weights: dict[str, torch.Tensor]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+    save_file({k: v.clone().contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
     (path / "config.json").write_text("{}")
     return path
 
