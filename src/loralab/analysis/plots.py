@@ -53,7 +53,8 @@ def phi_heatmap(phi: list[list[float | None]], path: str | Path, title: str = ""
         ax.set_title("φ(i, j)" if full else f"zoom: i, j ≤ {k}", fontsize=10)
         _ticks(ax, data.shape)
     fig.colorbar(im, ax=list(axes), shrink=0.9, label="φ")
-    fig.suptitle(f"{title}  (lora_{use} {'right' if use == 'A' else 'left'}-singular vectors)", fontsize=10)
+    note = "; grey: past a factor's numerical rank (undetermined)" if np.isnan(g).any() else ""
+    fig.suptitle(f"{title}  (lora_{use} {'right' if use == 'A' else 'left'}-singular vectors{note})", fontsize=10)
     fig.savefig(path)
     return Path(path)
 

@@ -31,7 +31,7 @@ import torch
 
 from loralab.analysis.adapters import AnalysisError, Factor, read_factors
 
-__all__ = ["phi_grid", "basis", "numerical_rank", "subspace_similarity", "run_subspace"]
+__all__ = ["phi_grid", "basis", "numerical_rank", "subspace_similarity", "run_subspace", "safe_filename"]
 
 
 def numerical_rank(s: torch.Tensor, shape: tuple[int, ...], eps: float) -> int:
