@@ -176,3 +176,14 @@ def test_base_errors(tmp_path):
         run(tmp_path, {"x": (A, B)}, {"x.weight": W}, {"r": 3, "use_dora": True})
     with pytest.raises(AnalysisError, match="no \\*.safetensors"):
         run_delta_w(write_adapter(tmp_path / "ad", {"x": (A, B)}, r=3), tmp_path, tmp_path / "o")
+
+
+def test_bf16_factors_keep_full_rank_and_match_numpy(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    A, B = torch.randn(8, 64, generator=g).bfloat16(), torch.randn(48, 8, generator=g).bfloat16()
+    W = torch.randn(48, 64, generator=g).bfloat16()
+    e = run(tmp_path, {"x": (A, B)}, {"x.weight": W}, {"r": 8, "lora_alpha": 16}, n_random=1)["modules"]["x"]
+    assert e["rank_delta"] == 8
+    ref = numpy_table7(A.double(), B.double(), W.double(), 2.0, 8)
+    assert e["proj_delta"] == pytest.approx(float(ref["proj_delta"]), rel=1e-10)
+    assert e["amplification"] == pytest.approx(float(ref["amplification"]), rel=1e-10)

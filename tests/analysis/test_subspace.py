@@ -194,3 +194,31 @@ def test_no_layer_index_means_no_per_layer_plot(tmp_path):
     run(tmp_path, {"q": (torch.randn(8, D), torch.randn(OUT, 8))}, {"q": (torch.randn(8, D), torch.randn(OUT, 8))},
         plots=True)
     assert not (tmp_path / "out" / "per_layer.png").exists() and (tmp_path / "out" / "phi_q.png").exists()
+
+
+def test_rank_above_dimension_and_low_precision_storage(tmp_path):
+    """r = 24 > in = 20: only 20 directions exist (rows 21-24 null, random baseline too); bf16 factors of
+    full rank are not mistaken for rank-deficient, and a bf16 zero row is."""
+    g = torch.Generator().manual_seed(7)
+    big = torch.randn(24, D, generator=g)
+    res = run(tmp_path, {"x": (big, torch.randn(OUT, 24, generator=g))},
+              {"x": (torch.randn(8, D, generator=g), torch.randn(OUT, 8, generator=g))}, {"r": 24}, {"r": 8})
+    e = res["modules"]["x"]
+    assert e["rank_a"] == D and len(e["phi"]) == 24 and all(v is None for row in e["phi"][D:] for v in row)
+    assert e["phi"][D - 1][7] == pytest.approx(1.0)  # all of R^20 contains the other 8 directions
+    assert all(v is None for row in e["random_phi"][D:] for v in row) and e["random_phi"][D - 1][0] is not None
+    a16 = torch.randn(8, 200, generator=g).bfloat16()
+    a16z = a16.clone()
+    a16z[7] = 0
+    res = run(tmp_path, {"y": (a16, torch.randn(OUT, 8, generator=g).bfloat16())},
+              {"y": (a16z, torch.randn(OUT, 8, generator=g).bfloat16())})
+    assert (res["modules"]["y"]["rank_a"], res["modules"]["y"]["rank_b"]) == (8, 7)
+    assert res["skipped"] == {}
+
+
+def test_conv_and_embedding_modules_are_skipped_and_listed(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    fa = {"x": (torch.randn(8, D, generator=g), torch.randn(OUT, 8, generator=g)),
+          "conv": (torch.randn(8, 3, 3, 3, generator=g), torch.randn(OUT, 8, 1, 1, generator=g))}
+    res = run(tmp_path, fa, fa)
+    assert list(res["modules"]) == ["x"] and "convolution" in res["skipped"]["conv"]

@@ -16,7 +16,9 @@ For a module with frozen weight W (out × in) and LoRA factors A (r × in), B (o
 
 The paper uses the adapter's r for the subspaces; k is used instead so that every quantity is determined
 by the matrices (past ΔW's rank its singular vectors are arbitrary); ``rank`` (r) and ``rank_delta`` (k)
-are both reported and agree for a trained adapter. An untrained adapter (B = 0) has k = 0: all
+are both reported and agree for a trained adapter with r ≤ min(out, in). k = min(rank A, rank B, rank ΔW)
+with the factors' ranks taken as in :func:`loralab.analysis.subspace.numerical_rank` (tolerant of their
+storage dtype's rounding) and ΔW's at the float64 SVD floor. An untrained adapter (B = 0) has k = 0: all
 projections are 0 and the amplification is ``null``.
 
 W is read from the base model directory's ``*.safetensors`` by the module's name + ``.weight``, allowing
@@ -117,7 +119,10 @@ def delta_w_stats(f: Factor, w: torch.Tensor, n_random: int = 5, seed: int = 0, 
     if tuple(w.shape) != tuple(dw.shape):
         raise AnalysisError(f"module {name}: W is {tuple(w.shape)} but ΔW is {tuple(dw.shape)}")
     u, s, vh = torch.linalg.svd(dw, full_matrices=False)
-    k = min(numerical_rank(s, tuple(dw.shape), f.eps), f.r)
+    # rank(ΔW) ≤ min(rank A, rank B) (equal unless range(A) meets ker(B)); each factor's rank uses its
+    # storage-rounding tolerance, and ΔW's float64 SVD floor catches the rest
+    k = min(numerical_rank(f.A, torch.linalg.svdvals(f.A), f.eps), numerical_rank(f.B, torch.linalg.svdvals(f.B), f.eps),
+            numerical_rank(dw, s, 0.0), f.r)
     uw, _, vwh = torch.linalg.svd(w, full_matrices=False)
     delta_norm, proj_delta = _frob(dw), _frob(u[:, :k].T @ w @ vh[:k].T)
     proj_random = None
@@ -155,7 +160,7 @@ def run_delta_w(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Pa
 
     Writes ``out_dir/delta_w.json`` = ``{"modules": {name: {"rank", "rank_delta", "scaling", "delta_sv",
     "delta_norm", "proj_delta", "proj_w_top", "proj_random", "w_norm", "amplification", "w_key",
-    "transposed"}}, "adapter": .., "base": .., "n_random": .., "seed": ..}`` and ``out_dir/delta_w.md``
+    "transposed"}}, "adapter": .., "base": .., "n_random": .., "seed": .., "skipped": {module: reason}}`` and ``out_dir/delta_w.md``
     (the same as a Markdown table); returns the JSON content.
     """
     if n_random < 0:
@@ -163,7 +168,10 @@ def run_delta_w(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Pa
     cfg = read_config(adapter_dir)
     if cfg.get("use_dora"):
         raise AnalysisError(f"{adapter_dir} is a DoRA adapter: its update is not scaling·B A, so Table 7 does not apply")
-    factors = read_factors(adapter_dir)
+    skipped: dict[str, str] = {}
+    factors = read_factors(adapter_dir, skipped)
+    if not factors:
+        raise AnalysisError(f"{adapter_dir} has no 2-D LoRA module to analyse (skipped: {skipped})")
     if modules is not None:
         try:
             rx = re.compile(modules)
@@ -175,7 +183,7 @@ def run_delta_w(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Pa
     base = BaseWeights(base_dir)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
     result: dict = {"modules": {}, "adapter": str(adapter_dir), "base": str(base_dir), "n_random": n_random,
-                    "seed": seed}
+                    "seed": seed, "skipped": skipped}
     for name, f in factors.items():
         module = name.split("[")[0]
         key = base.key_for(module)

@@ -14,7 +14,11 @@ M² over the leading i × j block, so the whole grid is one double cumulative su
 Rank-deficient factors: if a factor's numerical rank k is below its r, its top-i subspace for i > k is
 not determined by the factor (the SVD fills it with arbitrary null-space directions), so those rows
 (or columns) of φ are written as ``null`` and the numerical ranks are reported (``rank_a``, ``rank_b``).
-The tolerance is σ_max · max(shape) · ε of the dtype the factor was stored in.
+This includes r > in (e.g. r = 1024 on a 576-wide model): only ``in`` directions exist. A singular value
+counts when it exceeds max(ε_s/2 · ‖M‖_F, σ_max · max(shape) · ε_64), ε_s the machine epsilon of the dtype
+the factor was stored in: rounding each entry to that dtype moves every singular value by at most
+‖E‖_2 ≤ ‖E‖_F ≤ ε_s/2 · ‖M‖_F, so smaller ones cannot be told from zero; the second term is the float64
+SVD's own floor.
 
 Baseline: φ between two random-Gaussian matrices of the same shapes as the two factors, seeded from
 ``seed`` and the module name (so a module's baseline does not depend on which other modules are kept).
@@ -34,22 +38,27 @@ from loralab.analysis.adapters import AnalysisError, Factor, read_factors
 __all__ = ["phi_grid", "basis", "numerical_rank", "subspace_similarity", "run_subspace", "safe_filename"]
 
 
-def numerical_rank(s: torch.Tensor, shape: tuple[int, ...], eps: float) -> int:
-    """Number of singular values above ``s.max() · max(shape) · eps`` (0 for an all-zero matrix)."""
+F64_EPS = float(torch.finfo(torch.float64).eps)
+
+
+def numerical_rank(m: torch.Tensor, s: torch.Tensor, eps: float) -> int:
+    """Number of singular values ``s`` of ``m`` above max(eps/2 · ‖m‖_F, s_max · max(m.shape) · ε_64)
+    (``eps``: the storage dtype's machine epsilon; 0 for an all-zero matrix)."""
     if s.numel() == 0 or float(s.max()) == 0.0:
         return 0
-    return int((s > s.max() * max(shape) * eps).sum())
+    tol = max(eps / 2 * float(torch.linalg.matrix_norm(m, "fro")), float(s.max()) * max(m.shape) * F64_EPS)
+    return int((s > tol).sum())
 
 
 def basis(factor: Factor, use: str = "A") -> tuple[torch.Tensor, int]:
     """Orthonormal basis (columns, by decreasing singular value) and numerical rank of one factor.
 
-    ``use="A"``: right-singular vectors of lora_A (in × r). ``use="B"``: left-singular vectors of lora_B
-    (out × r).
+    ``use="A"``: right-singular vectors of lora_A (in × min(r, in)). ``use="B"``: left-singular vectors of
+    lora_B (out × min(r, out)).
     """
     m = factor.A.T if use == "A" else factor.B  # the singular vectors wanted are m's left ones
     u, s, _ = torch.linalg.svd(m, full_matrices=False)
-    return u, numerical_rank(s, tuple(m.shape), factor.eps)
+    return u, numerical_rank(m, s, factor.eps)
 
 
 def phi_grid(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
@@ -67,10 +76,9 @@ def phi_grid(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     return overlap / torch.minimum(i, j)
 
 
-def _masked(phi: torch.Tensor, rank_a: int, rank_b: int) -> list[list[float | None]]:
-    """φ as nested lists, None where i > rank_a or j > rank_b (undetermined subspaces)."""
-    return [[float(v) if (i < rank_a and j < rank_b) else None for j, v in enumerate(row)]
-            for i, row in enumerate(phi.tolist())]
+def _masked(phi: torch.Tensor, r_a: int, r_b: int, rank_a: int, rank_b: int) -> list[list[float | None]]:
+    """φ as r_a lists of r_b values, None where i > rank_a or j > rank_b (undetermined or nonexistent)."""
+    return [[float(phi[i, j]) if (i < rank_a and j < rank_b) else None for j in range(r_b)] for i in range(r_a)]
 
 
 def _random_phi(name: str, shape_a: tuple[int, int], shape_b: tuple[int, int], use: str, seed: int) -> torch.Tensor:
@@ -94,9 +102,11 @@ def subspace_similarity(fa: Factor, fb: Factor, use: str = "A", seed: int = 0, n
         raise AnalysisError(f"module {name}: the adapters disagree on {side}: lora_{use} shapes {shape_a} and "
                             f"{shape_b}; were they trained on the same base model?")
     phi = phi_grid(ua, ub)
-    rand = _random_phi(name, shape_a, shape_b, use, seed)
+    rand = _random_phi(name, shape_a, shape_b, use, seed)  # Gaussian: full rank min(r, dim) almost surely
+    ra, rb = fa.A.shape[0], fb.A.shape[0]
     return {"r_a": fa.r, "r_b": fb.r, "rank_a": rank_a, "rank_b": rank_b,
-            "phi": _masked(phi, rank_a, rank_b), "random_phi": rand.tolist()}
+            "phi": _masked(phi, ra, rb, rank_a, rank_b),
+            "random_phi": _masked(rand, ra, rb, rand.shape[0], rand.shape[1])}
 
 
 def _common(a: dict[str, Factor], b: dict[str, Factor], modules: str | None, dirs: tuple[str, str]) -> list[str]:
@@ -127,15 +137,18 @@ def run_subspace(adapter_a: str | Path, adapter_b: str | Path, out_dir: str | Pa
     ``phi_<module>.png`` per module and ``per_layer.png`` when module names carry layer indices.
 
     Returns the JSON content: ``{"modules": {name: {"r_a", "r_b", "rank_a", "rank_b", "phi",
-    "random_phi"}}, "use": use, "adapters": [adapter_a, adapter_b], "seed": seed}`` where ``phi`` has r_a
-    rows of r_b values (``phi[i-1][j-1]`` = φ(i, j); ``null`` past a factor's numerical rank).
+    "random_phi"}}, "use": use, "adapters": [adapter_a, adapter_b], "seed": seed, "skipped": {}}`` where
+    ``phi`` has r_a rows of r_b values (``phi[i-1][j-1]`` = φ(i, j); ``null`` past a factor's numerical
+    rank), ``random_phi`` is the same grid for Gaussian factors of the same shapes, and ``skipped`` holds
+    {module: reason} for adapted modules not analysed (embeddings, convolutions).
     """
     if use not in ("A", "B"):
         raise AnalysisError(f"use must be 'A' (lora_A right-singular vectors) or 'B' (lora_B left ones), got {use!r}")
-    a, b = read_factors(adapter_a), read_factors(adapter_b)
+    skipped: dict[str, str] = {}
+    a, b = read_factors(adapter_a, skipped), read_factors(adapter_b, skipped)
     names = _common(a, b, modules, (str(adapter_a), str(adapter_b)))
     result = {"modules": {n: subspace_similarity(a[n], b[n], use, seed, n) for n in names},
-              "use": use, "adapters": [str(adapter_a), str(adapter_b)], "seed": seed}
+              "use": use, "adapters": [str(adapter_a), str(adapter_b)], "seed": seed, "skipped": skipped}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "subspace.json").write_text(json.dumps(result, indent=1))
