@@ -73,6 +73,8 @@ def test_errors_are_one_line(tmp_path, capsys):
     badcfg = write_adapter(tmp_path / "d", factors(4), r=4)
     (badcfg / "adapter_config.json").write_text("{")
     assert_one_error_line(*call(capsys, "subspace", a, badcfg, "--out", out)[::2], "adapter_config.json", "JSON")
+    nan = write_adapter(tmp_path / "n", {n: (A * float("nan"), B) for n, (A, B) in factors(4).items()}, r=4)
+    assert_one_error_line(*call(capsys, "subspace", a, nan, "--out", out)[::2], "NaN")
     (tmp_path / "empty").mkdir()
     assert_one_error_line(*call(capsys, "subspace", a, tmp_path / "empty", "--out", out)[::2], "no adapter_config.json")
     base = write_base(tmp_path / "base", {"lm_head.weight": torch.zeros(3, 3)})

@@ -136,6 +136,8 @@ def read_factors(adapter_dir: str | Path, skipped: dict[str, str] | None = None)
             if skipped is not None:
                 skipped[name] = f"{A.dim()}-D factors (convolution adapter, not analysed)"
             continue
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AnalysisError(f"{where} has NaN/inf entries (a diverged training?); nothing can be computed from it")
         eps = float(torch.finfo(A.dtype).eps) if A.dtype.is_floating_point else float(torch.finfo(torch.float32).eps)
         r = int(pattern_value(name, cfg.get("rank_pattern") or {}, r0))
         alpha = float(pattern_value(name, cfg.get("alpha_pattern") or {}, alpha0))

@@ -99,6 +99,8 @@ def oriented_weight(w: torch.Tensor, out_f: int, in_f: int, fan_in_fan_out: bool
         raise AnalysisError(f"{where} is stored as {w.dtype} (quantized?); point --base at the unquantized model")
     if w.dim() != 2:
         raise AnalysisError(f"{where} has shape {tuple(w.shape)}, not a 2-D linear weight")
+    if not torch.isfinite(w).all():
+        raise AnalysisError(f"{where} has NaN/inf entries; the base model file is damaged")
     shape = tuple(w.shape)
     if shape == (out_f, in_f) and not (out_f == in_f and fan_in_fan_out):
         return w.to(torch.float64), False
@@ -197,7 +199,7 @@ def run_delta_w(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Pa
         result["modules"][name] = entry
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "delta_w.json").write_text(json.dumps(result, indent=1))
+    (out / "delta_w.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     (out / "delta_w.md").write_text(f"ΔW against W (Hu et al. 2021, Table 7) for `{adapter_dir}` on `{base_dir}`"
                                     f" ({n_random} random draws, seed {seed})\n\n" + markdown_table(result["modules"]))
     return result

@@ -151,7 +151,7 @@ def run_subspace(adapter_a: str | Path, adapter_b: str | Path, out_dir: str | Pa
               "use": use, "adapters": [str(adapter_a), str(adapter_b)], "seed": seed, "skipped": skipped}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "subspace.json").write_text(json.dumps(result, indent=1))
+    (out / "subspace.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     if plots:
         from loralab.analysis import plots as P
 
