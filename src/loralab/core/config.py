@@ -13,6 +13,14 @@ from typing import Literal
 BiasMode = Literal["none", "all", "lora_only"]
 
 
+class LoraConfigError(ValueError):
+    """An invalid LoraConfig field; ``field`` names it, ``reason`` says what is wrong."""
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"LoraConfig.{field_name}: {reason}")
+        self.field, self.reason = field_name, reason
+
+
 @dataclass
 class LoraConfig:
     """One adapter's settings. Field names follow PEFT's ``LoraConfig`` where PEFT has the concept."""
@@ -48,22 +56,34 @@ class LoraConfig:
     """The base model the adapter was trained on (recorded, checked by nobody but humans)."""
 
     def __post_init__(self) -> None:
+        """The one validation of LoRA settings (the run config's lora section uses it too)."""
+        def fail(name: str, reason: str) -> None:
+            raise LoraConfigError(name, reason)
+
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
+            fail("r", f"must be an integer >= 1, got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            fail("lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        if self.target_modules == []:
+            fail("target_modules", "is empty: nothing would be adapted")
+        if isinstance(self.target_modules, str) and "," in self.target_modules and "{" not in self.target_modules:
+            parts = ",".join(p.strip() for p in self.target_modules.split(","))
+            fail("target_modules", f"{self.target_modules!r} is one regex, not a list; write a list: [{parts}]")
         if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+            fail("bias", f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
-            )
+            fail("init_lora_weights", f"must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         for name, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r < 1:
-                raise ValueError(f"LoraConfig.rank_pattern[{name!r}] must be an integer >= 1, got {r!r}")
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                fail("rank_pattern", f"[{name!r}] must be an integer >= 1, got {r!r}")
+        for name, alpha in self.alpha_pattern.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+                fail("alpha_pattern", f"[{name!r}] must be > 0, got {alpha!r}")
         for name, enable in self.fused_qkv.items():
             if not enable or not any(enable):
-                raise ValueError(f"LoraConfig.fused_qkv[{name!r}] must enable at least one slice, got {enable!r}")
+                fail("fused_qkv", f"[{name!r}] must enable at least one slice, got {enable!r}")
 
     def scaling_for(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r

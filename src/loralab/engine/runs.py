@@ -231,19 +231,24 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60] or "run"
 
 
-def create_run(cfg: RunConfig, root: str | Path | None = None) -> Run:
-    """Make ``<root>/<timestamp>-<name>-<id8>/`` with config.yaml and env.json, and register it."""
-    root = Path(root if root is not None else cfg.out_dir)
+def create_run(cfg: RunConfig, root: str | Path | None = None, run_dir: str | Path | None = None) -> Run:
+    """Make ``<root>/<timestamp>-<name>-<id8>/`` (or the given ``run_dir``, whose parent is then the
+    root) with config.yaml and env.json, and register it."""
     run_id = uuid.uuid4().hex
     created = _now()
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = root / f"{stamp}-{_slug(cfg.run_name)}-{run_id[:8]}"
+    if run_dir is not None:
+        run_dir = Path(run_dir).resolve()
+        root = run_dir.parent
+    else:
+        root = Path(root if root is not None else cfg.out_dir)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = root / f"{stamp}-{_slug(cfg.run_name)}-{run_id[:8]}"
     run_dir.mkdir(parents=True, exist_ok=False)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
     with _connect(root) as con:
         con.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, cfg.run_name, cfg.experiment, cfg.model.name, cfg.data.task, "running", created,
+                    (run_id, cfg.run_name, cfg.experiment, cfg.model.name, cfg.task_label, "running", created,
                      None, run_dir.name, "{}", None))
     con.close()
     _write_owner(run_dir)

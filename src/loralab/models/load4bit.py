@@ -50,7 +50,7 @@ def _tensor_names(module: nn.Module) -> set[str]:
 
 def load_4bit(path: Path, auto: Any, kind: str, *, quantize: str, double_quant: bool,
               compute_dtype: torch.dtype, dtype: torch.dtype, trust_remote_code: bool = False,
-              **config_kwargs: Any) -> nn.Module:
+              block_size: int = 64, **config_kwargs: Any) -> nn.Module:
     """``auto`` (an AutoModelFor* class) built on meta from ``path``'s config and streamed in 4 bits.
 
     Sets ``model.loralab_load_info = {"source", "new_head", "unexpected_keys", "quantize"}``.
@@ -80,7 +80,8 @@ def load_4bit(path: Path, auto: Any, kind: str, *, quantize: str, double_quant: 
                 new_head += [f"{name}.{n}" for n, _ in module.named_parameters()]
     skip = SKIP_MODULES if target is model else ()
     load_quantized_from_safetensors(target, path, quant_type=quantize, double_quant=double_quant,
-                                    compute_dtype=compute_dtype, skip_modules=skip, strict=False)
+                                    compute_dtype=compute_dtype, skip_modules=skip, strict=False,
+                                    block_size=block_size)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _check_loaded(model, target, path)

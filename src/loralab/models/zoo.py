@@ -198,10 +198,11 @@ def check_loading_info(info: dict[str, Any], kind: str, source: str) -> dict[str
 def load_model(name: str, kind: ModelKind = "causal_lm", num_labels: int | None = None,
                dtype: torch.dtype = torch.float32, quantize: QuantType | None = None,
                double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-               trust_remote_code: bool = False, **kwargs: Any) -> torch.nn.Module:
+               trust_remote_code: bool = False, block_size: int = 64, **kwargs: Any) -> torch.nn.Module:
     """Load ``name`` as a ``seq_cls`` (needs ``num_labels``), ``causal_lm`` or ``base`` model.
 
-    With ``quantize`` ("nf4", "fp4", "int4") the linear layers are stored in 4 bits (QLoRA) and the
+    With ``quantize`` ("nf4", "fp4", "int4") the linear layers are stored in 4 bits (QLoRA, blocks of
+    ``block_size`` weights per absmax) and the
     full-precision model is never materialized (see :mod:`loralab.models.load4bit`); output heads stay
     in ``dtype``. Weights left randomly initialized other than a new seq-cls head raise. The result
     carries ``model.loralab_load_info``: ``{"source", "new_head", "unexpected_keys"}`` (+ "quantize").
@@ -220,7 +221,7 @@ def load_model(name: str, kind: ModelKind = "causal_lm", num_labels: int | None 
         from loralab.models.load4bit import load_4bit
 
         return load_4bit(path, auto, kind, quantize=quantize, double_quant=double_quant,
-                         compute_dtype=compute_dtype or dtype, dtype=dtype,
+                         compute_dtype=compute_dtype or dtype, dtype=dtype, block_size=block_size,
                          trust_remote_code=trust_remote_code, **kwargs)
     model, info = auto.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
                                        trust_remote_code=trust_remote_code,
@@ -232,10 +233,17 @@ def load_model(name: str, kind: ModelKind = "causal_lm", num_labels: int | None 
 
 def load_from_config(model_cfg: Any, kind: ModelKind = "causal_lm", num_labels: int | None = None) -> tuple[Any, Any]:
     """Model and tokenizer as a ``ModelConfig`` section asks: its dtype, 4-bit quantization
-    (quantize / double_quant / compute_dtype) and trust_remote_code. Every experiment loads through here."""
+    (quantize / double_quant / quant_block_size / compute_dtype), gradient checkpointing and
+    trust_remote_code. Every experiment loads through here."""
     quant = {} if model_cfg.quantize == "none" else {
         "quantize": model_cfg.quantize, "double_quant": model_cfg.double_quant,
-        "compute_dtype": getattr(torch, model_cfg.compute_dtype)}
+        "block_size": model_cfg.quant_block_size, "compute_dtype": getattr(torch, model_cfg.compute_dtype)}
     model = load_model(model_cfg.name, kind=kind, num_labels=num_labels, dtype=getattr(torch, model_cfg.dtype),
                        trust_remote_code=model_cfg.trust_remote_code, **quant)
+    if model_cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it")
+        # non-reentrant: gradients reach the LoRA weights although the embeddings' output needs no grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     return model, load_tokenizer(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)

@@ -1,9 +1,8 @@
-"""Decoding E2E outputs: one per unique MR, batched, left-padded, with the KV cache.
+"""Decoding E2E outputs: one per unique MR (batched, left-padded, length-sorted: ``common.generation``).
 
 Settings come from the run config's ``generate`` section (paper: beam 10, length penalty 0.9,
 no-repeat 4-grams, at most 64 new tokens, stop at EOS) and are passed to Hugging Face ``generate``
-unchanged. Prompts are sorted by length so batches carry little padding, and outputs are put back
-in MR order. An output is the text of the new tokens before the first EOS, on one line.
+unchanged. An output is the text of the new tokens before the first EOS, on one line.
 """
 
 from __future__ import annotations
@@ -11,11 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
-from loralab.core.linear4bit import cached_dequantize
-from loralab.tasks.e2e_data import eos_id, prompt_ids
+from loralab.tasks.common.generation import generate_batched
+from loralab.tasks.e2e.data import eos_id, prompt_ids
 
 PAPER_ROW = {"BLEU": 70.4, "NIST": 8.85, "METEOR": 46.8, "ROUGE_L": 71.8, "CIDEr": 2.53}
 """GPT-2 M + LoRA on E2E (Hu et al. 2021, Table 3); BLEU, METEOR, ROUGE-L in percent."""
@@ -46,7 +44,6 @@ def clean_output(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-@torch.no_grad()
 def generate_outputs(model: nn.Module, tokenizer: Any, mrs: Sequence[str], gen: Any) -> list[str]:
     """One decoded output per MR, in ``mrs`` order."""
     from transformers import GenerationConfig
@@ -54,27 +51,8 @@ def generate_outputs(model: nn.Module, tokenizer: Any, mrs: Sequence[str], gen: 
     eos = eos_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     config = GenerationConfig(**generation_kwargs(gen, eos, pad))
-    prompts = [prompt_ids(tokenizer, mr) for mr in mrs]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    device = next(model.parameters()).device
-    outputs: list[str | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with cached_dequantize(model):  # 4-bit bases: dequantize once, not once per new token
-            for start in range(0, len(order), gen.batch_size):
-                idx = order[start:start + gen.batch_size]
-                width = max(len(prompts[i]) for i in idx)
-                ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
-                mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
-                                    device=device)
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                for i, row in zip(idx, out[:, width:].tolist()):
-                    stop = row.index(eos) if eos in row else len(row)
-                    outputs[i] = clean_output(tokenizer.decode(row[:stop], skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return [o if o is not None else "" for o in outputs]
+    rows = generate_batched(model, [prompt_ids(tokenizer, mr) for mr in mrs], config, pad, [eos], gen.batch_size)
+    return [clean_output(tokenizer.decode(row, skip_special_tokens=True)) for row in rows]
 
 
 def write_official(path: Any, lines: Sequence[str]) -> None:
@@ -88,8 +66,9 @@ def write_references(path: Any, refs: Sequence[Sequence[str]]) -> None:
         fh.write("\n".join("\n".join(clean_output(r) for r in group) + "\n" for group in refs))
 
 
-def results_table(scores: dict[str, float | None], label: str) -> str:
-    """Markdown table of this run beside the paper's row (BLEU, METEOR, ROUGE-L as percentages)."""
+def results_table(scores: dict[str, float | None], label: str, baseline: dict[str, float | None] | None = None) -> str:
+    """Markdown table of this run beside the paper's row and the un-adapted model's (BLEU, METEOR,
+    ROUGE-L as percentages)."""
     def shown(key: str, value: float | None) -> str:
         if value is None:
             return "n/a"
@@ -98,5 +77,9 @@ def results_table(scores: dict[str, float | None], label: str) -> str:
     head = "| | BLEU | NIST | METEOR | ROUGE-L | CIDEr |\n|---|---|---|---|---|---|"
     paper = "| paper: GPT-2 M LoRA (Hu et al. 2021) | " + " | ".join(
         f"{PAPER_ROW[k]:.1f}" if k in PERCENT else f"{PAPER_ROW[k]:.2f}" for k in PAPER_ROW) + " |"
-    ours = f"| {label} | " + " | ".join(shown(k, scores.get(k)) for k in PAPER_ROW) + " |"
-    return "\n".join([head, paper, ours])
+    rows = [head, paper]
+    if baseline:
+        rows.append("| baseline: the un-adapted model | " + " | ".join(shown(k, baseline.get(k)) for k in PAPER_ROW)
+                    + " |")
+    rows.append(f"| {label} | " + " | ".join(shown(k, scores.get(k)) for k in PAPER_ROW) + " |")
+    return "\n".join(rows)

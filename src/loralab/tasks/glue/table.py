@@ -1,9 +1,11 @@
-"""The GLUE table: this run's median over seeds beside the paper's numbers, as Markdown and JSON.
+"""The GLUE table: this run's median over seeds beside the baseline and the paper's numbers.
 
 Each cell is the median over seeds of the task's main metric, x100, with the spread (min-max) and
 the number of seeds: the paper reports the median of 5 runs (Hu et al. 2021, Table 2). MNLI is the
 matched dev set, CoLA Matthews correlation, STS-B Pearson, the rest accuracy. "Avg" averages the
 columns shown, and the paper's row is averaged over the same columns, so the two stay comparable.
+A baseline row gives the majority class (STS-B: a constant predictor) on the same dev sets, and a
+cell whose runs did not clearly beat it is marked "✗ at baseline": a failed run, never agreement.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ PAPER_ROBERTA_BASE_LORA = {"mnli": 87.5, "sst2": 95.1, "mrpc": 89.7, "cola": 63.
                            "qqp": 90.8, "rte": 86.6, "stsb": 91.5}
 """Hu et al. 2021, Table 2, RoBERTa-base + LoRA (0.3M trainable parameters), median of 5 seeds."""
 PAPER_LABEL = "paper: RoBERTa-base LoRA (Hu et al. 2021)"
-RESULT_FILE = "glue_result.json"
+RESULT_FILE = "results.json"
 
 
 def result_score(result: dict) -> float:
@@ -58,20 +60,24 @@ def aggregate(results: list[dict]) -> list[dict]:
     for (model, method, task, settings), runs in groups.items():
         runs = sorted(runs, key=lambda r: r.get("seed", 0))
         values = [result_score(r) for r in runs]
+        baselines = [100.0 * r["baseline"] for r in runs if r.get("baseline") is not None]
         siblings = [json.loads(s) for s in variants[(model, method, task)]]
         mine = json.loads(settings)
         differing = [k for k in SETTINGS if len({json.dumps(s.get(k)) for s in siblings}) > 1]
         rows.append({"model": model, "method": method, "task": task, "metric": MAIN_METRIC[task],
                      "variant": ", ".join(f"{k}={mine.get(k)}" for k in differing),
                      **median_and_spread(values), "values": values, "seeds": [r.get("seed") for r in runs],
-                     "settings": mine, "trainable_params": runs[0].get("trainable_params")})
+                     "settings": mine, "trainable_params": runs[0].get("trainable_params"),
+                     "baseline": sorted(baselines)[len(baselines) // 2] if baselines else None,
+                     "learned": sum(bool(r.get("learned")) for r in runs)})
     return rows
 
 
 def _fmt_cell(agg: dict) -> str:
-    if agg["n"] == 1:
-        return f"{agg['median']:.1f}"
-    return f"{agg['median']:.1f} ({agg['min']:.1f}–{agg['max']:.1f}, n={agg['n']})"
+    text = f"{agg['median']:.1f}" if agg["n"] == 1 else f"{agg['median']:.1f} ({agg['min']:.1f}–{agg['max']:.1f}, n={agg['n']})"
+    if agg["baseline"] is not None and agg["learned"] < agg["n"]:
+        text += f" ✗ at baseline ({agg['n'] - agg['learned']}/{agg['n']})"
+    return text
 
 
 def glue_table(results: list[dict]) -> tuple[str, dict]:
@@ -96,13 +102,21 @@ def glue_table(results: list[dict]) -> tuple[str, dict]:
             + [f"{avg:.1f}" if avg is not None else "—"]) + " |")
         json_rows.append({"model": model, "method": method, "variant": variant, "trainable_params": trainable, "avg": avg,
                           "tasks": {t: cells[t] for t in tasks if t in cells}})
+    base = {t: next((s["baseline"] for s in summary if s["task"] == t and s["baseline"] is not None), None)
+            for t in tasks}
+    if any(v is not None for v in base.values()):
+        lines.append("| " + " | ".join(["baseline: majority class (STS-B: constant)", "0"]
+                                       + [f"{base[t]:.1f}" if base[t] is not None else "—" for t in tasks]
+                                       + ["—"]) + " |")
     paper_avg = sum(PAPER_ROBERTA_BASE_LORA[t] for t in tasks) / len(tasks)
     lines.append("| " + " | ".join([PAPER_LABEL, "0.3M"] + [f"{PAPER_ROBERTA_BASE_LORA[t]:.1f}" for t in tasks]
                                    + [f"{paper_avg:.1f}"]) + " |")
     note = ("Median over seeds x100 (min–max, n seeds). MNLI: matched acc; CoLA: Matthews corr; STS-B: "
-            "Pearson; others: accuracy. Avg over the columns shown (a row missing a column has none).")
+            "Pearson; others: accuracy. Avg over the columns shown (a row missing a column has none). "
+            "✗ at baseline (k/n): k of the n runs did not clearly beat the baseline row (learned: false); "
+            "such a cell is a failed run, not agreement with the paper.")
     markdown = "\n".join(lines) + "\n\n" + note + "\n\n" + _runs_table(results) + "\n"
-    data = {"tasks": tasks, "metrics": {t: MAIN_METRIC[t] for t in tasks}, "rows": json_rows,
+    data = {"tasks": tasks, "metrics": {t: MAIN_METRIC[t] for t in tasks}, "rows": json_rows, "baseline": base,
             "paper": {"label": PAPER_LABEL, "scores": {t: PAPER_ROBERTA_BASE_LORA[t] for t in tasks},
                       "avg": paper_avg}}
     return markdown, data
@@ -110,14 +124,17 @@ def glue_table(results: list[dict]) -> tuple[str, dict]:
 
 def _runs_table(results: list[dict]) -> str:
     """One line per run: its score, trainable parameters, training time and throughput."""
-    lines = ["| task | method | seed | score | trainable | train time (s) | tokens/s | run |", "|" + "---|" * 8]
+    lines = ["| task | method | seed | score | baseline | learned | trainable | train time (s) | tokens/s | run |",
+             "|" + "---|" * 10]
     order = {t: i for i, t in enumerate(TASK_ORDER)}
     for r in sorted(results, key=lambda r: (order.get(normalize_task_name(r["task"]), 99), r.get("method", ""))):
         fit = r.get("fit") or {}
         secs, tps = fit.get("train_seconds"), fit.get("tokens_per_second")
         lines.append("| " + " | ".join([
             TASK_TITLES.get(normalize_task_name(r["task"]), r["task"]), str(r.get("method", "?")), str(r.get("seed", "?")),
-            f"{result_score(r):.1f}", f"{r['trainable_params']:,}" if r.get("trainable_params") else "?",
+            f"{result_score(r):.1f}", f"{100 * r['baseline']:.1f}" if r.get("baseline") is not None else "—",
+            {True: "yes", False: "NO"}.get(r.get("learned"), "—"),
+            f"{r['trainable_params']:,}" if r.get("trainable_params") else "?",
             f"{secs:.0f}" if secs is not None else "?", f"{tps:,.0f}" if tps else "?",
             Path(str(r.get("run_dir", "?"))).name]) + " |")
     return "\n".join(lines)
@@ -135,68 +152,62 @@ def write_glue_table(results: list[dict], out_dir: str | Path, stem: str = "glue
     return md_path, json_path
 
 
+def flatten(result: dict, run_dir: Path) -> dict[str, Any]:
+    """One run's ``results.json`` (the common schema) and its ``config.yaml`` as the table's row."""
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    lora, train, data = cfg.get("lora", {}), cfg.get("train", {}), cfg.get("data", {})
+    details, baseline = result.get("details", {}), result.get("baseline") or {}
+    is_lora = lora.get("method") == "lora"
+    return {"task": details.get("task", data.get("task")), "seed": train.get("seed"), "model": cfg.get("model", {}).get("name"),
+            "method": lora.get("method"), "main_metric": result.get("main_metric"), "metrics": result.get("metrics", {}),
+            "baseline": baseline.get("score"), "learned": result.get("learned"),
+            "trainable_params": result.get("params", {}).get("trainable"), "fit": details.get("fit"),
+            "run_dir": str(run_dir),
+            "settings": {"lr": train.get("lr"), "epochs": train.get("epochs"), "max_steps": train.get("max_steps"),
+                         "batch_size": train.get("batch_size"), "r": lora.get("r") if is_lora else None,
+                         "alpha": lora.get("lora_alpha") if is_lora else None,
+                         "train_samples": data.get("train_samples"), "max_length": data.get("max_length"),
+                         "init_from": lora.get("init_from")}}
+
+
 def collect_results(root: str | Path) -> list[dict[str, Any]]:
-    """Finished GLUE training runs under ``root``: from the run registry (``<root>/runs.sqlite``,
-    completed runs of experiment "glue") when there is one, else every ``glue_result.json`` below
-    ``root``. Evaluation-only runs (``loralab eval``: no fit) are left out, so that re-evaluating an
-    adapter never counts as another seed."""
+    """Finished GLUE training runs under ``root`` as table rows: from the run registry
+    (``<root>/runs.sqlite``, completed runs of experiment "glue") when there is one, else every
+    ``results.json`` of experiment "glue" below ``root``. Evaluation-only runs (``loralab eval``: no
+    fit) are left out, so that re-evaluating an adapter never counts as another seed."""
     from loralab.engine.runs import REGISTRY, list_runs
 
     root = Path(root)
     if (root / REGISTRY).is_file():
-        found = []
-        for record in list_runs(root):
-            path = record.dir / RESULT_FILE
-            if record.experiment == "glue" and record.status == "completed" and path.is_file():
-                found.append({**json.loads(path.read_text()), "run_id": record.id})
+        paths = [record.dir / RESULT_FILE for record in list_runs(root)
+                 if record.experiment == "glue" and record.status == "completed"]
     else:
-        found = [json.loads(p.read_text()) for p in sorted(root.rglob(RESULT_FILE))]
+        paths = sorted(root.rglob(RESULT_FILE))
+    found = []
+    for path in paths:
+        if path.is_file():
+            result = json.loads(path.read_text())
+            if result.get("experiment") == "glue":
+                found.append(flatten(result, path.parent))
     return [r for r in found if r.get("fit") is not None]
 
 
-def run_seeds(preset: str | None, seeds: list[int], overrides: list[str] | None = None,
-              config_path: str | None = None) -> list[dict[str, Any]]:
-    """Train and report one run per seed (``train.seed=<s>``), each a registered run; the results."""
-    from loralab.cli import run_training  # lazily: the CLI owns run creation and failure recording
-    from loralab.engine.config import load_config
-
-    results = []
-    for seed in seeds:
-        cfg = load_config(config_path, [*(overrides or []), f"train.seed={seed}"], preset=preset)
-        if cfg.experiment != "glue":
-            raise ValueError(f"run_seeds is for GLUE runs; the config's experiment is {cfg.experiment!r}")
-        _, result = run_training(cfg)
-        results.append(result)
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
-    """python -m loralab.tasks.glue_report table RUNS_DIR [--out DIR]
-    python -m loralab.tasks.glue_report seeds --preset glue-cpu-rte --seeds 0,1,2,3,4 [key=value ...]"""
+    """python -m loralab.tasks.glue.table RUNS_DIR [--out DIR]: the table of the finished runs there
+    (train them with ``loralab sweep --preset glue-cpu-rte --seeds 0,1,2,3,4 --out DIR``)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m loralab.tasks.glue_report", description=main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("table", help="the GLUE table of the finished runs under RUNS_DIR")
-    p.add_argument("runs_dir")
-    p.add_argument("--out", help="where glue_table.md/.json go (default: RUNS_DIR)")
-    p = sub.add_parser("seeds", help="train one run per seed, then print and write the table")
-    p.add_argument("--preset")
-    p.add_argument("--config")
-    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (the paper: median of 5)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser = argparse.ArgumentParser(prog="python -m loralab.tasks.glue.table", description=main.__doc__)
+    parser.add_argument("runs_dir")
+    parser.add_argument("--out", help="where glue_table.md/.json go (default: RUNS_DIR)")
     args = parser.parse_args(argv)
-    if args.cmd == "table":
-        results = collect_results(args.runs_dir)
-        if not results:
-            print(f"no finished GLUE runs under {args.runs_dir}")
-            return 1
-        write_glue_table(results, args.out or args.runs_dir)
-        return 0
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    results = run_seeds(args.preset, seeds, args.overrides, args.config)
-    write_glue_table(results, Path(results[0]["run_dir"]).parent if results[0].get("run_dir") else ".")
+    results = collect_results(args.runs_dir)
+    if not results:
+        print(f"no finished GLUE runs under {args.runs_dir}")
+        return 1
+    write_glue_table(results, args.out or args.runs_dir)
     return 0
 
 

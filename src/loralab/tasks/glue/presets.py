@@ -1,4 +1,4 @@
-"""GLUE presets, registered with the config system on import (``loralab train --preset NAME``).
+"""GLUE presets (``loralab train --preset NAME``), the GLUE experiment's ``presets``.
 
 glue-paper-<task>
     The paper's RoBERTa-base LoRA recipe (Hu et al. 2021, Appendix D, Table 9): AdamW, linear decay
@@ -14,8 +14,6 @@ glue-cpu-<task>[-full|-bitfit]
 """
 
 from __future__ import annotations
-
-from loralab.engine.config import register_preset
 
 TASKS = ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb")
 
@@ -33,8 +31,9 @@ CPU_EVAL_SAMPLES = {"mnli": 2000, "qqp": 2000, "qnli": 2000}  # big dev sets: th
 def paper_preset(task: str) -> dict:
     batch, epochs, lr = PAPER_RECIPE[task]
     return {
+        "_doc": f"{task.upper()}: the paper's RoBERTa-base LoRA recipe (GPU scale, needs roberta-base)",
         "experiment": "glue", "name": f"glue-paper-{task}", "model.name": "roberta-base", "data.task": task,
-        "data.max_length": 512, "lora.method": "lora", "lora.r": 8, "lora.alpha": 8.0,
+        "data.max_length": 512, "lora.method": "lora", "lora.r": 8, "lora.lora_alpha": 8.0,
         "lora.target_modules": ["query", "value"], "lora.modules_to_save": ["classifier"],
         "train.optimizer": "adamw", "train.lr": lr, "train.batch_size": batch, "train.epochs": float(epochs),
         "train.warmup_ratio": 0.06, "train.schedule": "linear", "train.keep_best": True,
@@ -44,6 +43,7 @@ def paper_preset(task: str) -> dict:
 def cpu_preset(task: str, method: str = "lora") -> dict:
     suffix = "" if method == "lora" else f"-{method}"
     preset = {
+        "_doc": f"{task.upper()}: {method} on MiniLM-L6, 2,000 examples, minutes on a CPU",
         "experiment": "glue", "name": f"glue-cpu-{task}{suffix}", "model.name": "minilm-l6", "data.task": task,
         "data.max_length": 128, "data.train_samples": CPU_TRAIN_SAMPLES,
         "data.eval_samples": CPU_EVAL_SAMPLES.get(task, 0), "lora.method": method,
@@ -51,17 +51,16 @@ def cpu_preset(task: str, method: str = "lora") -> dict:
         "train.schedule": "linear", "train.keep_best": True, "train.length_grouped": True,
     }
     if method == "lora":
-        preset.update({"lora.r": 8, "lora.alpha": 8.0, "lora.target_modules": ["query", "value"],
+        preset.update({"lora.r": 8, "lora.lora_alpha": 8.0, "lora.target_modules": ["query", "value"],
                        "lora.modules_to_save": ["classifier"]})
     return preset
 
 
-def register_all() -> None:
+def all_presets() -> dict[str, dict]:
+    presets = {}
     for task in TASKS:
-        register_preset(f"glue-paper-{task}", paper_preset(task))
+        presets[f"glue-paper-{task}"] = paper_preset(task)
         for method in CPU_LR:
             preset = cpu_preset(task, method)
-            register_preset(preset["name"], preset)
-
-
-register_all()
+            presets[preset["name"]] = preset
+    return presets

@@ -1,4 +1,4 @@
-"""E2E presets, registered with the config system on import (``loralab train --preset NAME``).
+"""E2E presets (``loralab train --preset NAME``), the E2E experiment's ``presets``.
 
 e2e-paper
     The paper's GPT-2 Medium recipe (Hu et al. 2021, Table 11): LoRA r = 4, alpha = 32, dropout 0.1 on
@@ -18,11 +18,9 @@ e2e-cpu
 
 from __future__ import annotations
 
-from loralab.engine.config import register_preset
-
 PAPER = {
-    "experiment": "e2e", "data.task": "e2e", "data.max_length": 512,
-    "lora.method": "lora", "lora.r": 4, "lora.alpha": 32.0, "lora.dropout": 0.1,
+    "experiment": "e2e", "data.max_length": 512,
+    "lora.method": "lora", "lora.r": 4, "lora.lora_alpha": 32.0, "lora.lora_dropout": 0.1,
     "train.optimizer": "adamw", "train.lr": 2e-4, "train.weight_decay": 0.01, "train.batch_size": 8,
     "train.epochs": 5.0, "train.warmup_steps": 500, "train.schedule": "linear", "train.label_smoothing": 0.1,
     "train.keep_best": False,
@@ -31,18 +29,17 @@ PAPER = {
 }
 
 
-def register_all() -> None:
-    register_preset("e2e-paper", {**PAPER, "name": "e2e-paper", "model.name": "gpt2-medium",
-                                  "lora.fused_qkv": {"c_attn": [True, False, True]}})
-    register_preset("e2e-paper-smollm2", {**PAPER, "name": "e2e-paper-smollm2", "model.name": "smollm2-135m",
-                                          "lora.target_modules": ["q_proj", "v_proj"]})
-    register_preset("e2e-cpu", {
-        **PAPER, "name": "e2e-cpu", "model.name": "smollm2-135m", "lora.target_modules": ["q_proj", "v_proj"],
-        "data.max_length": 128, "data.train_samples": 200, "data.eval_samples": 20,
-        "generate.num_beams": 5, "generate.max_new_tokens": 48,
-        "train.epochs": 1.0, "train.lr": 1e-3, "train.warmup_steps": 5, "train.length_grouped": True,
-        "train.log_every": 5,
-    })
-
-
-register_all()
+def all_presets() -> dict[str, dict]:
+    cpu = {**PAPER, "_doc": "SmolLM2-135M LoRA q,v on 200 devset rows, 20 test MRs: a CPU smoke run", "name": "e2e-cpu", "model.name": "smollm2-135m", "lora.target_modules": ["q_proj", "v_proj"],
+           "data.max_length": 128, "data.train_samples": 200, "data.eval_samples": 20,
+           "generate.num_beams": 5, "generate.max_new_tokens": 48,
+           "train.epochs": 1.0, "train.lr": 1e-3, "train.warmup_steps": 5, "train.length_grouped": True,
+           "train.log_every": 5}
+    return {
+        "e2e-paper": {**PAPER, "_doc": "the paper's GPT-2 Medium recipe (GPU scale, needs gpt2-medium)",
+                      "name": "e2e-paper", "model.name": "gpt2-medium",
+                      "lora.fused_qkv": {"c_attn": [True, False, True]}},
+        "e2e-paper-smollm2": {**PAPER, "_doc": "the paper's recipe on SmolLM2-135M", "name": "e2e-paper-smollm2", "model.name": "smollm2-135m",
+                              "lora.target_modules": ["q_proj", "v_proj"]},
+        "e2e-cpu": cpu,
+    }

@@ -12,27 +12,20 @@ the one it was trained on. No special tokens are added (no BOS), identically at 
 Evaluation groups the references of each unique MR, MRs in first-seen order, and decodes one output
 per MR (``loralab.metrics.e2e.group_references``).
 
-Loss (mean over the completion tokens of the batch, next-token shifted, smoothing eps):
-    l_t = (1 - eps) * (-log p(y_t)) + eps * mean_v(-log p(v))
+The loss is :mod:`loralab.tasks.common.causal_lm`'s label-smoothed, token-weighted mean over the
+completion tokens.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from loralab.engine.task import Batch
 from loralab.metrics.e2e import group_references, read_e2e_csv
-
-IGNORE = -100
+from loralab.tasks.common.batches import IGNORE
 SEPARATOR = " ||"
 """Written after the MR: ``name[The Eagle], food[French] ||`` then the completion `` The Eagle ...``."""
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "e2e"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[4].parent / "shared" / "data" / "e2e"
 """``../shared/data/e2e`` next to the repository."""
 TRAIN_FILE = "devset.csv"  # the official trainset.csv (42k rows) is not shipped here: --train-file
 EVAL_FILE = "testset_w_refs.csv"
@@ -64,15 +57,6 @@ def load_rows(path: str | Path) -> list[tuple[str, str]]:
     if empty:
         raise E2EDataError(f"{path}: rows {empty[:5]} have an empty 'ref'; every training row needs a reference")
     return rows
-
-
-def subsample(rows: list, n: int, seed: int) -> list:
-    """The first ``n`` rows of a seeded shuffle (n = 0: all rows, in file order)."""
-    if n <= 0 or n >= len(rows):
-        return list(rows)
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    return [rows[i] for i in sorted(order[:n])]
 
 
 def eval_groups(rows: Sequence[tuple[str, str]], max_mrs: int = 0) -> tuple[list[str], list[list[str]]]:
@@ -112,43 +96,3 @@ def encode_example(tokenizer: Any, mr: str, ref: str, max_length: int) -> dict[s
 
 def encode_rows(tokenizer: Any, rows: Sequence[tuple[str, str]], max_length: int) -> list[dict[str, list[int]]]:
     return [encode_example(tokenizer, mr, ref, max_length) for mr, ref in rows]
-
-
-def make_collate(pad_id: int):
-    """Right-pads to the longest example of the batch: input_ids with ``pad_id``, mask 0, labels -100."""
-    def collate(examples: list[dict]) -> Batch:
-        width = max(len(ex["input_ids"]) for ex in examples)
-        def pad(key: str, value: int) -> torch.Tensor:
-            return torch.tensor([ex[key] + [value] * (width - len(ex[key])) for ex in examples], dtype=torch.long)
-        return {"input_ids": pad("input_ids", pad_id), "attention_mask": pad("attention_mask", 0),
-                "labels": pad("labels", IGNORE)}
-    return collate
-
-
-def completion_loss(model: nn.Module, batch: Batch, label_smoothing: float = 0.0,
-                    reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over the tokens whose label is not -100 (see the module docstring)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
-    if not (targets != IGNORE).any():
-        raise ValueError("a batch has no completion token to learn from (every label is -100)")
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
-                           label_smoothing=label_smoothing, reduction=reduction)
-
-
-@torch.no_grad()
-def mean_completion_loss(model: nn.Module, examples: Sequence[dict], collate, batch_size: int = 16) -> float:
-    """Mean per-token completion loss (no smoothing) over ``examples``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(list(examples[start:start + batch_size])).items()}
-            total += float(completion_loss(model, batch, reduction="sum"))
-            count += int((batch["labels"][:, 1:] != IGNORE).sum())
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)

@@ -1,4 +1,4 @@
-"""Presets of the instruction-tuning experiment (registered when loralab.tasks.instruct is imported)."""
+"""Presets of the instruction-tuning experiment (its ``presets``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ QLORA_PAPER = {
     "experiment": "instruct", "name": "qlora-gsm8k", "model.name": "smollm2-135m",
     "model.quantize": "nf4", "model.double_quant": True, "model.compute_dtype": "bfloat16",
     "model.gradient_checkpointing": True,
-    "lora.r": 64, "lora.alpha": 16.0, "lora.dropout": 0.1, "lora.target_modules": "all-linear",
+    "lora.r": 64, "lora.lora_alpha": 16.0, "lora.lora_dropout": 0.1, "lora.target_modules": "all-linear",
     "lora.exclude_modules": ["lm_head"],
     "train.lr": 2e-4, "train.schedule": "constant", "train.warmup_ratio": 0.03, "train.max_grad_norm": 0.3,
     "train.optimizer": "paged_adamw", "train.batch_size": 16, "train.weight_decay": 0.0,
@@ -20,7 +20,7 @@ QLORA_PAPER = {
     "generate.num_beams": 1, "generate.no_repeat_ngram_size": 0, "generate.max_new_tokens": 256,
     "generate.batch_size": 32,
 }
-QLORA_LARGE = {**QLORA_PAPER, "name": "qlora-large-gsm8k", "lora.dropout": 0.05, "train.lr": 1e-4}
+QLORA_LARGE = {**QLORA_PAPER, "name": "qlora-large-gsm8k", "lora.lora_dropout": 0.05, "train.lr": 1e-4}
 QLORA_GUANACO = {  # the paper's Guanaco run: OASST1, best-ranked paths, 1875 steps of 16 (needs network)
     **QLORA_PAPER, "name": "qlora-guanaco", "data.task": "oasst_best",
     "data.train_file": "OpenAssistant/oasst1:train", "data.eval_file": "OpenAssistant/oasst1:validation",
@@ -33,7 +33,7 @@ INSTRUCT_CPU = {
     # (held-out loss, 16 GSM8K problems and 4 prompts decoded for base and fine-tuned) adds ~2 minutes.
     "experiment": "instruct", "name": "instruct-cpu-gsm8k", "model.name": "smollm2-135m",
     "model.quantize": "none", "model.compute_dtype": "float32",
-    "lora.r": 16, "lora.alpha": 32.0, "lora.dropout": 0.05, "lora.target_modules": "all-linear",
+    "lora.r": 16, "lora.lora_alpha": 32.0, "lora.lora_dropout": 0.05, "lora.target_modules": "all-linear",
     "lora.exclude_modules": ["lm_head"],
     "train.lr": 1e-3, "train.schedule": "constant", "train.warmup_ratio": 0.03, "train.max_grad_norm": 0.3,
     "train.optimizer": "adamw", "train.batch_size": 4, "train.max_steps": 24, "train.eval_every": 0,
@@ -64,7 +64,7 @@ QUICKSTART = {
     "experiment": "instruct", "name": "quickstart-qlora-gsm8k", "model.name": "smollm2-135m",
     "model.quantize": "nf4", "model.double_quant": True, "model.compute_dtype": "float32",
     "model.gradient_checkpointing": False,
-    "lora.r": 16, "lora.alpha": 32.0, "lora.dropout": 0.05, "lora.target_modules": "all-linear",
+    "lora.r": 16, "lora.lora_alpha": 32.0, "lora.lora_dropout": 0.05, "lora.target_modules": "all-linear",
     "lora.exclude_modules": ["lm_head"],
     "train.lr": 1e-3, "train.schedule": "constant", "train.warmup_steps": 2, "train.max_grad_norm": 0.3,
     "train.optimizer": "adamw", "train.batch_size": 4, "train.max_steps": 30, "train.eval_every": 0,
@@ -77,14 +77,18 @@ QUICKSTART = {
 """Held-out: 24 examples for the loss and the same 24 for greedy exact match (one decoding batch)."""
 
 
-def register_presets() -> None:
-    """Register (or re-register, replacing built-ins such as CONFIG's GLUE quickstart) every preset here."""
-    from loralab.engine.config import register_preset
+DOCS = {"qlora": "the QLoRA paper's recipe (NF4 + DQ, r=64, all linear) on GSM8K",
+        "qlora-large": "QLoRA for 33B/65B models (dropout 0.05, lr 1e-4)",
+        "qlora-guanaco": "the Guanaco run on OASST1 (needs network)",
+        "instruct-cpu": "fp32 LoRA on SmolLM2-135M, GSM8K, minutes on a CPU",
+        "instruct-cpu-nf4": "the same as QLoRA (NF4 + DQ base)",
+        "quickstart": "`loralab quickstart`: QLoRA of SmolLM2-135M on GSM8K, ~6 minutes on a CPU"}
 
-    for name, overrides in (("qlora", QLORA_PAPER), ("qlora-large", QLORA_LARGE), ("qlora-guanaco", QLORA_GUANACO),
-                            ("instruct-cpu", INSTRUCT_CPU), ("instruct-cpu-nf4", INSTRUCT_CPU_NF4),
-                            ("quickstart", QUICKSTART)):
-        register_preset(name, overrides)
+
+def all_presets() -> dict[str, dict]:
+    presets = {"qlora": QLORA_PAPER, "qlora-large": QLORA_LARGE, "qlora-guanaco": QLORA_GUANACO,
+               "instruct-cpu": INSTRUCT_CPU, "instruct-cpu-nf4": INSTRUCT_CPU_NF4, "quickstart": QUICKSTART}
+    return {name: {"_doc": DOCS[name], **p} for name, p in presets.items()}
 
 
 

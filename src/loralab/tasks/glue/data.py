@@ -19,7 +19,6 @@ Release layout (``<data_dir>/<task.dir_name>/<file>``), tab-separated, quotes ar
 from __future__ import annotations
 
 import csv
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,11 +221,3 @@ def load_split(task: GlueTask, split: str, source: str = "tsv", data_dir: str | 
     if source == "hub":
         return load_split_hub(task, split)
     raise GlueDataError(f"data.source must be 'tsv' or 'hub', got {source!r}")
-
-
-def subsample(examples: list[dict], n: int | None, seed: int) -> list[dict]:
-    """A seeded random subset of ``n`` examples in their original order (all when n is None or >= len)."""
-    if n is None or n <= 0 or n >= len(examples):
-        return examples
-    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in keep]

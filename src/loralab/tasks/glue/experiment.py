@@ -1,7 +1,8 @@
-"""GLUE with LoRA, full fine-tuning or BitFit on an encoder with a sequence-classification head.
+"""The GLUE experiment: LoRA, full fine-tuning or BitFit on an encoder with a sequence-classification head.
 
-    build(cfg)  -> (model, TaskSpec, tokenizer)      cfg.data.task picks the task (see glue_data.TASKS)
-    report(cfg, model, tokenizer, run_dir, fit_result) -> dict   final dev metrics, written as JSON
+    build(cfg)               model (method applied), TaskSpec, tokenized dev sets; ``data.task`` picks the task
+    baseline(built)          the majority class of the training labels (STS-B: their mean, a constant predictor)
+    report(built, fit, dir)  final dev metrics in the common result schema; the adapter saved to <dir>/adapter
 
 Loss: cross-entropy with ``TaskSpec.label_smoothing`` for classification; STS-B is regression with
 one output and mean squared error, ``mean((f(x) - y)^2)``, on the raw 0-5 score.
@@ -13,22 +14,26 @@ Methods and their trainable parameters:
 
 from __future__ import annotations
 
-import json
+import math
 import sys
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.engine.experiment import Baseline, Built, Result, margin_for_rate
+from loralab.engine.schema import DataConfig
 from loralab.engine.task import Batch, TaskSpec
 from loralab.metrics.glue import MAIN_METRIC, glue_metrics
-from loralab.tasks.glue_data import (GlueDataError, GlueTask, get_task, load_split, parse_rows, read_tsv,
-                                     subsample, task_files)
-from loralab.tasks.glue_methods import apply_method, count_parameters
-from loralab.tasks.glue_report import RESULT_FILE
-from loralab.tasks import glue_presets as _presets  # noqa: F401  (registers glue-paper-*, glue-cpu-*)
+from loralab.tasks.common.batches import make_collate
+from loralab.tasks.common.results import make_result, save_trained
+from loralab.tasks.common.sampling import subsample
+from loralab.tasks.common.setup import apply_method, model_type
+from loralab.tasks.glue.data import GlueDataError, GlueTask, get_task, load_split, parse_rows, read_tsv, task_files
 
 
 def _log(msg: str) -> None:
@@ -64,20 +69,6 @@ def _check_pair_encoding(tokenizer: Any, task: GlueTask, example: dict, encoded:
     if len(encoded["input_ids"]) <= len(first_only) and len(first_only) < max_length:
         raise RuntimeError(f"{task.dir_name}: the encoded pair is no longer than its first segment alone; "
                            f"the second field {task.text_fields[1]!r} did not reach the model")
-
-
-def make_collate(pad_token_id: int, regression: bool):
-    """Pads to the longest example of the batch (dynamic padding); labels are float for regression."""
-    def collate(examples: list[dict]) -> Batch:
-        longest = max(len(ex["input_ids"]) for ex in examples)
-        batch: Batch = {}
-        for key, pad in (("input_ids", pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
-            if key in examples[0]:
-                batch[key] = torch.tensor([ex[key] + [pad] * (longest - len(ex[key])) for ex in examples])
-        dtype = torch.float32 if regression else torch.long
-        batch["labels"] = torch.tensor([ex["labels"] for ex in examples], dtype=dtype)
-        return batch
-    return collate
 
 
 def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -138,7 +129,7 @@ def make_task_spec(task: GlueTask, tokenizer: Any, train: list[dict], eval_sets:
                    max_length: int, eval_batch_size: int = 64) -> TaskSpec:
     """Tokenized train/dev data, dynamic-padding collate, loss and evaluation for one GLUE task."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collate = make_collate(pad_id, task.is_regression)
+    collate = make_collate(pad_id, torch.float32 if task.is_regression else torch.long)
     train_enc = encode_examples(tokenizer, task, train, max_length)
     eval_enc = {s: encode_examples(tokenizer, task, d, max_length) for s, d in eval_sets.items()}
 
@@ -150,31 +141,39 @@ def make_task_spec(task: GlueTask, tokenizer: Any, train: list[dict], eval_sets:
 
     spec = TaskSpec(train_dataset=train_enc, collate=collate, loss=loss, evaluate=evaluate,
                     metric=MAIN_METRIC[task.key], greater_is_better=True)
+    spec.eval_sets = eval_enc  # type: ignore[attr-defined]  (read back by report: no second tokenisation)
     return spec
 
 
-# ---------------------------------------------------------------- build / report (the engine's contract)
+# ---------------------------------------------------------------- the experiment
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "glue"
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[4].parent / "shared" / "data" / "glue"
 """``../shared/data/glue`` next to the repository (where this project keeps the GLUE release)."""
 HUB = "hub"
 """``data.data_dir=hub``: read the Hub's GLUE dataset (needs `datasets` and internet) instead of TSVs."""
+DEFAULT_HEADS: dict[str, list[str]] = {"distilbert": ["pre_classifier", "classifier"]}
 
 
-def _data_source(cfg: Any) -> tuple[str, Path | None]:
-    data_dir = cfg.data.data_dir
-    if data_dir == HUB:
-        return "hub", None
-    return "tsv", Path(data_dir) if data_dir else DEFAULT_DATA_DIR
+@dataclass
+class GlueData(DataConfig):
+    """GLUE data: the task, and where its release TSVs are."""
+
+    task: str = "sst2"
+    """GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte (data_dir=hub: the Hub's GLUE, online only)."""
+
+    def check(self) -> list[tuple[str, str]]:
+        return super().check() + ([] if self.task else [("task", "must name a GLUE task")])
 
 
-def load_task_data(cfg: Any, task: GlueTask, with_train: bool = True) -> tuple[list[dict], dict[str, list[dict]]]:
+def load_task_data(cfg: Any, task: GlueTask) -> tuple[list[dict], dict[str, list[dict]]]:
     """Train examples (seeded subsample of ``data.train_samples``) and every dev set (first
     ``data.eval_samples`` of each). ``data.train_file`` / ``data.eval_file`` replace the train file /
     the first dev file. All needed files are checked before any is read, so one error lists them all."""
-    source, data_dir = _data_source(cfg)
-    if source == "tsv":
-        needed = [s for s in task.files if (s == "train" and with_train and not cfg.data.train_file)
+    hub = cfg.data.data_dir == HUB
+    data_dir = None if hub else Path(cfg.data.data_dir) if cfg.data.data_dir else DEFAULT_DATA_DIR
+    if not hub:
+        needed = [s for s in task.files if (s == "train" and not cfg.data.train_file)
                   or (s in task.eval_splits and not (cfg.data.eval_file and s == task.eval_splits[0]))]
         task_files(task, data_dir, needed)
 
@@ -184,10 +183,9 @@ def load_task_data(cfg: Any, task: GlueTask, with_train: bool = True) -> tuple[l
             if not path.is_file():
                 raise GlueDataError(f"{task.dir_name} {split} file {str(path.resolve())!r} not found")
             return parse_rows(task, read_tsv(path, task.columns), str(path))
-        return load_split(task, split, source, data_dir)
+        return load_split(task, split, "hub" if hub else "tsv", data_dir)
 
-    train = read("train", cfg.data.train_file) if with_train else []
-    train = subsample(train, cfg.data.train_samples, cfg.data.seed)
+    train = subsample(read("train", cfg.data.train_file), cfg.data.train_samples, cfg.data.seed)
     evals = {}
     for n, split in enumerate(task.eval_splits):
         data = read(split, cfg.data.eval_file if n == 0 else None)
@@ -195,77 +193,69 @@ def load_task_data(cfg: Any, task: GlueTask, with_train: bool = True) -> tuple[l
     return train, evals
 
 
-def load_model_and_tokenizer(cfg: Any, num_labels: int) -> tuple[nn.Module, Any]:
-    """The encoder with a fresh ``num_labels``-way head (1: regression) and its tokenizer."""
-    from loralab.models.zoo import load_from_config
-
-    model, tokenizer = load_from_config(cfg.model, kind="seq_cls", num_labels=num_labels)
-    if num_labels == 1:
-        model.config.problem_type = "regression"
-    return model, tokenizer
+def heads_for(model: nn.Module, requested: list[str] | None) -> list[str]:
+    """The classification head: ``lora.modules_to_save`` if given, else the architecture's."""
+    return list(requested) if requested else DEFAULT_HEADS.get(model_type(model), ["classifier"])
 
 
-def build(cfg: Any) -> tuple[nn.Module, TaskSpec, Any]:
-    """Model (method applied: LoRA / full / BitFit; warm-started from ``lora.init_from`` if set),
-    the TaskSpec of ``data.task`` and the tokenizer."""
-    task = get_task(cfg.data.task)
-    if cfg.model.num_labels not in (None, task.num_labels):
-        raise ValueError(f"model.num_labels={cfg.model.num_labels} but {task.dir_name} has {task.num_labels} "
-                         "label(s); leave model.num_labels unset for GLUE")
-    train, evals = load_task_data(cfg, task)  # data errors first: before minutes of model loading
-    torch.manual_seed(cfg.train.seed)  # the fresh head and the LoRA A matrices depend on the seed
-    model, tokenizer = load_model_and_tokenizer(cfg, task.num_labels)
-    method = cfg.lora.method
-    if method == "full" and cfg.train.lr >= 3e-4:
-        _log(f"warning: full fine-tuning with train.lr={cfg.train.lr:g}; encoders usually diverge above "
-             "~1e-4 (glue-cpu-<task>-full uses 5e-5)")
-    info = apply_method(model, method, cfg.lora, heads=cfg.lora.modules_to_save, base_model_name=cfg.model.name,
-                        init_from=cfg.lora.init_from)
-    model.glue_info = info
-    spec = make_task_spec(task, tokenizer, train, evals, cfg.data.max_length,
-                          eval_batch_size=max(32, cfg.train.batch_size))
-    _log(f"{task.dir_name}: {len(train)} train examples, dev sets "
-         + ", ".join(f"{s}={len(d)}" for s, d in evals.items()))
-    return model, spec, tokenizer
+class GlueExperiment:
+    name: ClassVar[str] = "glue"
+    data_config: ClassVar[type] = GlueData
+    sections: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def presets(self) -> dict[str, dict]:
+        from loralab.tasks.glue.presets import all_presets
+
+        return all_presets()
+
+    def build(self, cfg: Any) -> Built:
+        """Model (method applied; warm-started from ``lora.init_from`` if set), TaskSpec, tokenized dev sets."""
+        from loralab.models.zoo import load_from_config
+
+        task = get_task(cfg.data.task)
+        train, evals = load_task_data(cfg, task)  # data errors first: before minutes of model loading
+        torch.manual_seed(cfg.train.seed)  # the fresh head and the LoRA A matrices depend on the seed
+        model, tokenizer = load_from_config(cfg.model, kind="seq_cls", num_labels=task.num_labels)
+        if task.is_regression:
+            model.config.problem_type = "regression"
+        if cfg.lora.method == "full" and cfg.train.lr >= 3e-4:
+            _log(f"warning: full fine-tuning with train.lr={cfg.train.lr:g}; encoders usually diverge above "
+                 "~1e-4 (glue-cpu-<task>-full uses 5e-5)")
+        info = apply_method(model, cfg.lora, "SEQ_CLS", heads_for(model, cfg.lora.modules_to_save), cfg.model.name)
+        spec = make_task_spec(task, tokenizer, train, evals, cfg.data.max_length,
+                              eval_batch_size=max(32, cfg.train.batch_size))
+        _log(f"{task.dir_name}: {len(train)} train examples, dev sets "
+             + ", ".join(f"{s}={len(d)}" for s, d in evals.items()))
+        return Built(model, spec, {"cfg": cfg, "task": task, "method": info, "tokenizer": tokenizer,
+                                   "train_labels": [ex["label"] for ex in train]})
+
+    def baseline(self, built: Built) -> Baseline:
+        """The majority class of the training labels (regression: their mean) predicted for every dev example."""
+        task, labels = built.state["task"], built.state["train_labels"]
+        constant = sum(labels) / len(labels) if task.is_regression else Counter(labels).most_common(1)[0][0]
+        dev = next(iter(built.task.eval_sets.values()))
+        metrics = glue_metrics(task.key, [constant] * len(dev), [ex["labels"] for ex in dev])
+        kind = "constant predictor (train mean)" if task.is_regression else f"majority class ({constant})"
+        return Baseline(score=metrics[MAIN_METRIC[task.key]], kind=kind, metrics=metrics)
+
+    def report(self, built: Built, fit: Any, run_dir: str | Path | None) -> Result:
+        """Final dev metrics of the model as it is now (the kept-best weights after fit)."""
+        cfg, task = built.state["cfg"], built.state["task"]
+        metrics = evaluate_splits(built.model, task, built.task.eval_sets, built.task.collate,
+                                  max(32, cfg.train.batch_size))
+        main = MAIN_METRIC[task.key]
+        n = len(next(iter(built.task.eval_sets.values())))
+        base = built.baseline.score if built.baseline else 0.0
+        margin = margin_for_rate(base, n) if main == "accuracy" else 2.0 / math.sqrt(max(n, 1))
+        info = built.state["method"]
+        details = {"task": task.key, "model": cfg.model.name, "method": cfg.lora.method, "seed": cfg.train.seed,
+                   "eval_examples": n, "method_info": info, "adapter_dir": save_trained(built.model, run_dir)}
+        result = make_result("glue", built, fit, main, metrics, True, margin, details)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        print(f"[glue] {task.dir_name} {cfg.lora.method} seed {cfg.train.seed}: {shown} "
+              f"(trainable {result.trainable_params:,})", flush=True)
+        return result
 
 
-def report(cfg: Any, model: nn.Module, tokenizer: Any, run_dir: str | Path | None, fit_result: Any) -> dict:
-    """Final dev metrics of ``model`` as it is now (the kept-best weights after fit), the trainable
-    count, the fit summary; written to ``<run_dir>/glue_result.json``; the LoRA adapter is saved to
-    ``<run_dir>/adapter`` (usable as another task's ``lora.init_from``)."""
-    task = get_task(cfg.data.task)
-    _, evals = load_task_data(cfg, task, with_train=False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    enc = {s: encode_examples(tokenizer, task, d, cfg.data.max_length) for s, d in evals.items()}
-    metrics = evaluate_splits(model, task, enc, make_collate(pad_id, task.is_regression),
-                              max(32, cfg.train.batch_size))
-    info = dict(getattr(model, "glue_info", {}) or {})
-    counts = count_parameters(model)
-    main = MAIN_METRIC[task.key]
-    result = {
-        "experiment": "glue", "task": task.key, "model": cfg.model.name, "method": cfg.lora.method,
-        "seed": cfg.train.seed, "main_metric": main, "score": metrics[main], "metrics": metrics,
-        "trainable_params": info.get("trainable", counts["trainable"]), "total_params": counts["total"],
-        "train_examples": cfg.data.train_samples or None, "max_length": cfg.data.max_length,
-        "warm_start": info.get("warm_start"),
-        "settings": {"lr": cfg.train.lr, "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps,
-                     "batch_size": cfg.train.batch_size, "r": cfg.lora.r if cfg.lora.method == "lora" else None,
-                     "alpha": cfg.lora.alpha if cfg.lora.method == "lora" else None,
-                     "train_samples": cfg.data.train_samples, "max_length": cfg.data.max_length,
-                     "init_from": cfg.lora.init_from},
-        "fit": fit_result.to_dict() if hasattr(fit_result, "to_dict") else fit_result,
-    }
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        result["run_dir"] = str(run_dir)
-        if cfg.lora.method == "lora":
-            from loralab.core.adapter_io import save_adapter
-
-            save_adapter(model, run_dir / "adapter", adapter_name="default")
-            result["adapter_dir"] = str(run_dir / "adapter")
-        (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-    print(f"[glue] {task.dir_name} {cfg.lora.method} seed {cfg.train.seed}: {shown} "
-          f"(trainable {result['trainable_params']:,})", flush=True)
-    return result
+EXPERIMENT = GlueExperiment()

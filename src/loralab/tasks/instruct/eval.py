@@ -6,7 +6,7 @@ makes that impossible to do silently: every active LoRA layer must have a non-ze
 the adapters off must change the logits of a real batch. Only then do we score:
 
 * held-out loss / perplexity on assistant tokens: ``loss = sum(-log p(y_t | y_<t)) / n_tokens``,
-  ``ppl = exp(loss)``; the base is the same model inside ``disable_adapters(model)``;
+  ``ppl = exp(loss)`` (the base model's is the experiment's baseline, measured before training);
 * GSM8K exact match: the reference is the number after "####"; from the model's text we take the
   first number after its last "####" if it wrote one, else its last number. Numbers are compared
   as decimals after dropping "$", thousands commas and trailing zeros ("$1,000.00" == "1000");
@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from loralab.core.linear4bit import cached_dequantize
-from loralab.tasks.instruct import (Conversation, end_of_turn_ids, forward_logits, heldout_loss, render_ids,
-                                    resolve_chat_template)
+from loralab.tasks.common.causal_lm import forward_logits, heldout_loss
+from loralab.tasks.common.generation import generate_batched
+from loralab.tasks.instruct.data import Conversation, end_of_turn_ids, render_ids, resolve_chat_template
 
 STUDY_PROMPTS = ["What is a cat?", "What is 9+3?", "What is the secret word?",
                  "Please reverse the words in the sentence \"I'm a cool dude in a mocha mood.\""]
@@ -100,21 +101,17 @@ def assert_adapter_present(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
 # ----------------------------------------------------------------------------- held-out loss
 
 
-def compare_heldout_loss(model: nn.Module, examples: Sequence[dict], collate, batch_size: int = 8,
-                         progress: bool = False) -> dict:
-    """Assistant-token loss and perplexity of the fine-tuned model and of its base (adapters off)."""
-    from loralab.core.inject import disable_adapters
-
+def scored_heldout_loss(model: nn.Module, examples: Sequence[dict], collate, batch_size: int = 8,
+                        progress: bool | str = False) -> dict[str, float]:
+    """``heldout_loss`` with the 4-bit base dequantized once and an optional progress bar."""
     n_batches = -(-len(examples) // batch_size)
     with cached_dequantize(model):
-        bar = progress_bar("held-out loss (fine-tuned, base)", 2 * n_batches, progress)
-        tuned = heldout_loss(model, examples, collate, batch_size, bar)
-        with disable_adapters(model):
-            base = heldout_loss(model, examples, collate, batch_size, bar)
-        if bar is not None:
-            bar.close()
-    return {"finetuned_loss": tuned["eval_loss"], "finetuned_ppl": tuned["eval_ppl"],
-            "base_loss": base["eval_loss"], "base_ppl": base["eval_ppl"], "tokens": tuned["eval_tokens"]}
+        bar = progress_bar(progress if isinstance(progress, str) else "held-out loss", n_batches, bool(progress))
+        try:
+            return heldout_loss(model, examples, collate, batch_size, bar)
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 # ----------------------------------------------------------------------------- generation
@@ -136,7 +133,6 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conversat
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
-@torch.no_grad()
 def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conversation], max_new_tokens: int = 128,
                  batch_size: int = 8, system_prompt: str | None = None,
                  chat_template: str | None = "auto", progress: bool | str = False) -> list[list[int]]:
@@ -149,52 +145,16 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conve
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               pad_token_id=pad_id, eos_token_id=eos)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    replies: list[list[int]] = []
+    rows = [render_ids(tokenizer, _as_conversation(p, system_prompt), template, add_generation_prompt=True)
+            for p in prompts]
     n_batches = -(-len(prompts) // batch_size)
     bar = progress_bar(progress if isinstance(progress, str) else "decode", n_batches * max_new_tokens,
                        bool(progress))
     try:
-        with cached_dequantize(model):  # 4-bit bases: dequantize once per call, not once per new token
-            replies = _generate_batches(model, tokenizer, prompts, batch_size, system_prompt, template, pad_id,
-                                        eos, config, device, bar)
+        return generate_batched(model, rows, config, pad_id, eos, batch_size, bar)
     finally:
-        model.train(was_training)
         if bar is not None:
             bar.close()
-    return replies
-
-
-def _generate_batches(model, tokenizer, prompts, batch_size, system_prompt, template, pad_id, eos, config,
-                      device, bar=None) -> list[list[int]]:
-    """Greedy decoding, batch by batch, with left padding; cut at the first end-of-turn token."""
-    replies: list[list[int]] = []
-    criteria = None
-    if bar is not None:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class _Tick(StoppingCriteria):  # called once per decoding step; never stops anything
-            def __call__(self, input_ids, scores, **kwargs):
-                bar.update(1)
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-        criteria = StoppingCriteriaList([_Tick()])
-    for start in range(0, len(prompts), batch_size):
-        rows = [render_ids(tokenizer, _as_conversation(p, system_prompt), template, add_generation_prompt=True)
-                for p in prompts[start: start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             stopping_criteria=criteria)
-        if bar is not None:  # a batch that ended early at end of turn: count its unused steps as done
-            bar.update(config.max_new_tokens - (out.shape[1] - width))
-        for row in out[:, width:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in eos), len(row))
-            replies.append(row[:stop])
-    return replies
 
 
 def side_by_side(model: nn.Module, tokenizer: Any, prompts: Sequence[str] = STUDY_PROMPTS, **kw: Any) -> list[dict]:

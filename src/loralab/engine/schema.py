@@ -1,0 +1,243 @@
+"""loralab's config schema: the typed sections every run has (model, lora, train, data, generate).
+
+Each field's docstring is its documentation (``loralab train --help`` prints them); coercion and the
+range checks run when a section is built (see :mod:`loralab.engine.typed_config`). The ``data`` section
+of a run is its experiment's own subclass of ``DataConfig``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+from loralab.core.config import LoraConfig, LoraConfigError
+from loralab.engine.typed_config import ConfigError, Section, require
+
+
+@dataclass
+class ModelConfig(Section):
+    """The base model and how it is loaded."""
+
+    KEY: ClassVar[str] = "model"
+    name: str = "minilm-l6"
+    """Zoo name ("minilm-l6", "smollm2-135m"), a local Hugging Face model dir, or a hub id already cached."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of the (non-quantized) base weights."""
+    quantize: Literal["none", "nf4", "fp4", "int4"] = "none"
+    """4-bit quantization of the frozen base linear layers (QLoRA uses "nf4")."""
+    double_quant: bool = True
+    """Quantize the per-block absmax constants too (QLoRA's double quantization); 4-bit only."""
+    quant_block_size: int = 64
+    """Weights per quantization block (one absmax constant per block): a power of two in [32, 4096]."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype 4-bit weights are dequantized to for the matmul."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code to run. Off: loading code from a model dir is code execution."""
+
+    def check(self) -> list[tuple[str, str]]:
+        e: list = []
+        b = self.quant_block_size
+        require(e, 32 <= b <= 4096 and b & (b - 1) == 0, "quant_block_size",
+                f"must be a power of two in [32, 4096] (e.g. 64), got {b}")
+        require(e, bool(self.name), "name", "must name a model")
+        return e
+
+
+@dataclass
+class LoraSection(Section):
+    """What trains: LoRA adapters (the paper), full fine-tuning or BitFit (baselines).
+
+    The LoRA fields are the core ``LoraConfig``'s, by the same names, validated by it."""
+
+    KEY: ClassVar[str] = "lora"
+    method: Literal["lora", "full", "bitfit"] = "lora"
+    """lora: low-rank adapters on a frozen base; full: every weight trains; bitfit: only biases train."""
+    r: int = 8
+    """Rank of each update B A (>= 1)."""
+    lora_alpha: float = 8.0
+    """Scaling numerator: the update is multiplied by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch input, 0 <= p < 1."""
+    target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    """Module-name suffixes to adapt (["q_proj", "v_proj"]), one regex over full names, or "all-linear".
+    The default ["query", "value"] means the architecture's W_q and W_v (q_proj/v_proj, GPT-2's c_attn slices)."""
+    exclude_modules: list[str] | str | None = None
+    """Suffixes or a regex of modules never adapted (e.g. ["lm_head"])."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Biases that train as well: none, all, or lora_only (those of adapted layers)."""
+    init_lora_weights: bool | Literal["gaussian"] = True
+    """Init of A (B starts at zero, so training starts at the base model): true = kaiming-uniform, "gaussian" = N(0, 1/r)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained fully and saved with the adapter, e.g. ["classifier"] (None: the experiment decides)."""
+    fused_qkv: dict[str, list[bool]] = field(default_factory=dict)
+    """Per-slice adaptation of fused projections: {"c_attn": [true, false, true]} adapts q and v only."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overriding r: {name suffix or regex: r}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overriding lora_alpha: {name suffix or regex: alpha}."""
+    init_from: str | None = None
+    """Adapter dir (PEFT format) to warm start from instead of the fresh init."""
+
+    LORA_ONLY: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                                            "bias", "init_lora_weights", "use_rslora", "fused_qkv", "rank_pattern",
+                                            "alpha_pattern", "init_from")
+    """Keys that only LoRA reads: setting one with method full/bitfit is an error."""
+
+    def check(self) -> list[tuple[str, str]]:
+        try:  # one validation: the core LoraConfig's
+            self.to_lora_config(validate_only=True)
+        except LoraConfigError as err:
+            return [(err.field, err.reason)]
+        return []
+
+    def to_lora_config(self, validate_only: bool = False, **extra: Any) -> LoraConfig:
+        """The core ``LoraConfig`` for this section; ``extra`` sets task_type / base_model_name_or_path."""
+        if self.method != "lora" and not validate_only:
+            raise ConfigError(f"lora.method is {self.method!r}: there is no LoRA adapter to configure")
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(LoraConfig) if hasattr(self, f.name)}
+        return LoraConfig(**{**values, **extra})
+
+
+@dataclass
+class TrainConfig(Section):
+    """Optimisation and the training loop."""
+
+    KEY: ClassVar[str] = "train"
+    lr: float = 5e-4
+    """Peak learning rate (> 0)."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay (>= 0)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas [beta1, beta2], each in [0, 1)."""
+    eps: float = 1e-8
+    """Adam epsilon (> 0)."""
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"
+    """adamw; adamw8bit (block-wise 8-bit states); paged_* (states that can spill off the device)."""
+    epochs: float = 1.0
+    """Passes over the training set (> 0; fractions allowed). Ignored when max_steps > 0."""
+    max_steps: int = 0
+    """Optimizer steps to run (0: derive from epochs)."""
+    batch_size: int = 16
+    """Examples per micro-batch (>= 1); the effective batch is batch_size * grad_accum."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (>= 1)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps with linear warmup from 0, in [0, 1)."""
+    warmup_steps: int = 0
+    """Warmup steps; wins over warmup_ratio when > 0."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warmup: linear to 0, cosine to 0, or constant."""
+    max_grad_norm: float = 0.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy, in [0, 1)."""
+    bf16: bool = False
+    """bfloat16 autocast where the hardware supports it (master weights stay float32)."""
+    seed: int = 0
+    """Seed of init, dropout and data order."""
+    eval_every: int = 0
+    """Evaluate every this many optimizer steps (0: at the end of each epoch only)."""
+    save_every: int = 0
+    """Checkpoint every this many optimizer steps (0: at the end of each epoch only)."""
+    keep_best: bool = True
+    """Keep the checkpoint with the best selection metric and report it (else the last)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement (0: never stop early)."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a non-finite loss or gradient: stop the run with an error, or skip that step (counted, logged)."""
+    length_grouped: bool = False
+    """Batch examples of similar length together (less padding; the order stays seeded)."""
+    log_every: int = 10
+    """Log train loss, lr and tokens/s every this many optimizer steps (>= 1)."""
+    quiet: bool = False
+    """No progress bar or console logs (metrics are still written to metrics.jsonl)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to the run dir."""
+
+    def check(self) -> list[tuple[str, str]]:
+        e: list = []
+        require(e, self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(e, self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(e, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                 f"must be two numbers in [0, 1), got {self.betas}")
+        require(e, self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        require(e, self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "early_stopping_patience"):
+            require(e, getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            require(e, getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(e, 0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        require(e, not (self.max_steps > 0 and self.warmup_steps > self.max_steps), "warmup_steps",
+                 f"{self.warmup_steps} exceeds train.max_steps={self.max_steps}: the lr would never reach its peak")
+        require(e, self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0: off), got {self.max_grad_norm}")
+        require(e, 0 <= self.label_smoothing < 1, "label_smoothing",
+                 f"must be in [0, 1), got {self.label_smoothing}")
+        return e
+
+
+@dataclass
+class DataConfig(Section):
+    """Which data, how much of it, and how it becomes tokens (the fields every experiment shares;
+    an experiment's ``data_config`` subclasses this and adds its own)."""
+
+    KEY: ClassVar[str] = "data"
+    data_dir: str | None = None
+    """Directory with the data files (None: the experiment's default under ../shared/data/)."""
+    train_file: str | None = None
+    """Training file overriding the default one in data_dir."""
+    eval_file: str | None = None
+    """Evaluation file overriding the default one in data_dir."""
+    max_length: int = 128
+    """Truncate tokenized examples to this many tokens (>= 1)."""
+    train_samples: int = 0
+    """Use only N training examples, a seeded random subset (0: all)."""
+    eval_samples: int = 0
+    """Use only the first N evaluation examples (0: all)."""
+    seed: int = 0
+    """Seed of the subsampling (separate from train.seed)."""
+
+    def check(self) -> list[tuple[str, str]]:
+        e: list = []
+        require(e, self.max_length >= 1, "max_length", f"must be >= 1, got {self.max_length}")
+        for name in ("train_samples", "eval_samples"):
+            require(e, getattr(self, name) >= 0, name, f"must be >= 0 (0: all), got {getattr(self, name)}")
+        return e
+
+
+@dataclass
+class GenerateConfig(Section):
+    """Decoding for generation tasks (E2E, instruction following)."""
+
+    KEY: ClassVar[str] = "generate"
+    num_beams: int = 10
+    """Beam width (1: greedy or sampling)."""
+    length_penalty: float = 0.9
+    """Beam score = log-prob / length ** length_penalty."""
+    no_repeat_ngram_size: int = 4
+    """Forbid repeating any n-gram of this size (0: off)."""
+    max_new_tokens: int = 64
+    """Maximum generated tokens per example (>= 1)."""
+    batch_size: int = 8
+    """Prompts decoded together (>= 1)."""
+    do_sample: bool = False
+    """Sample instead of searching (num_beams must then be 1)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0); used only with do_sample."""
+
+    def check(self) -> list[tuple[str, str]]:
+        e: list = []
+        for name in ("num_beams", "max_new_tokens", "batch_size"):
+            require(e, getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(e, self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
+                 f"must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
+        require(e, self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        require(e, not (self.do_sample and self.num_beams > 1), "do_sample",
+                 f"sampling with num_beams={self.num_beams} is not supported; set generate.num_beams=1")
+        return e
+
+
