@@ -20,7 +20,8 @@ def _doc(answers=None, **qa_extra) -> dict:
     return {"version": "1.1", "data": [{"title": "Super_Bowl_50", "paragraphs": [
         {"context": CONTEXT, "qas": [{"id": "q1", "question": "Who won?", "answers": answers, **qa_extra},
                                      {"id": "q2", "question": "Who lost?",
-                                      "answers": [{"text": "Panthers", "answer_start": CONTEXT.index("Panthers")}]}]}]}]}
+                                      "answers": [{"text": "Panthers",
+                                                   "answer_start": CONTEXT.index("Panthers")}]}]}]}]}
 
 
 def _write(tmp_path: Path, obj) -> Path:

@@ -91,7 +91,8 @@ def test_collate_pads_labels_with_ignore(tok):
     assert b["input_ids"].shape == (2, 25)
     assert b["labels"][0, 20:].tolist() == [IGNORE_INDEX] * 5 and b["attention_mask"][0].sum() == 20
     left = collate(build_eval_prompts(tok, [_ex("ab", "a"), _ex("abcd", "abcd")], 64)[0], 0, side="left")
-    assert "labels" not in left and left["attention_mask"][0].tolist()[:2] == [0, 0]  # 10+3+4 = 17 vs 10+5+4 = 19 tokens
+    # prompts of 10+3+4 = 17 and 10+5+4 = 19 tokens: the first gets 2 pads on the left
+    assert "labels" not in left and left["attention_mask"][0].tolist()[:3] == [0, 0, 1]
 
 
 def test_extract_and_decode_answer(tok):

@@ -110,6 +110,8 @@ def make_span_features(tokenizer: Any, examples: Sequence[SquadExample], max_len
                          f"{capacity} context tokens; got doc_stride={doc_stride}")
     if not examples:
         raise ValueError("no examples")
+    if with_labels and not all(ex.answers for ex in examples):
+        raise ValueError("with_labels=True needs every example to have an answer (answers[0] is trained on)")
     questions, n_cut = _cut_questions(tokenizer, [ex.question.lstrip() for ex in examples], max_query_length)
     enc = tokenizer(questions, [ex.context for ex in examples], truncation="only_second", max_length=max_length,
                     stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
