@@ -53,8 +53,9 @@ class LoraSection(Section):
     The LoRA fields are the core ``LoraConfig``'s, by the same names, validated by it."""
 
     KEY: ClassVar[str] = "lora"
-    method: Literal["lora", "full", "bitfit"] = "lora"
-    """lora: low-rank adapters on a frozen base; full: every weight trains; bitfit: only biases train."""
+    method: Literal["lora", "full", "bitfit", "linear_probe"] = "lora"
+    """lora: low-rank adapters on a frozen base; full: every weight trains; bitfit: only biases (and the
+    head) train; linear_probe: only the head trains."""
     r: int = 8
     """Rank of each update B A (>= 1)."""
     lora_alpha: float = 8.0

@@ -3,6 +3,7 @@
 Trainable parameters (L layers, hidden H, FFN width I, head P parameters):
     lora   : per adapted d_in -> d_out projection r (d_in + d_out)  (A: r x d_in, B: d_out x r) + P
     bitfit : every ``*.bias`` + P
+    linear_probe : P (the head only)
     full   : every parameter
 ``heads`` (a classifier, a span head) always train, and with LoRA they are saved with the adapter
 (``modules_to_save``), so the adapter dir alone reproduces the model.
@@ -26,7 +27,7 @@ from torch import nn
 from loralab.core.adapter_io import PREFIX, load_adapter
 from loralab.core.inject import count_parameters, inject_adapter
 
-METHODS = ("lora", "full", "bitfit")
+METHODS = ("lora", "full", "bitfit", "linear_probe")
 DEFAULT_TARGETS = ["query", "value"]
 QV_NAMES: dict[str, list[str]] = {
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
@@ -87,6 +88,12 @@ def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] |
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+    elif method == "linear_probe":
+        if not heads:
+            raise ValueError("lora.method=linear_probe trains only the head: name it in lora.modules_to_save")
+        model.requires_grad_(False)
+        for name in heads:
+            model.get_submodule(name).requires_grad_(True)
     elif method == "bitfit":
         biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]
         if not biases:
