@@ -10,19 +10,17 @@ import pytest
 import torch
 from torch import nn
 
+import loralab.engine.trainer
 import loralab.metrics
 import loralab.models
 from loralab import cli
 from loralab.engine import config as C
+from loralab.engine import experiment as E
 from loralab.engine.config import all_keys, load_config
+from loralab.engine.experiment import Baseline, Built, Result
 from loralab.engine.runs import list_runs
 from loralab.engine.task import TaskSpec
-
-
-@pytest.fixture(autouse=True)
-def _isolated_presets(monkeypatch):
-    monkeypatch.setattr(C, "_preset_modules_loaded", True)
-    monkeypatch.setattr(C, "PRESETS", dict(C.PRESETS))
+from tests.engine.toy_experiment import ToyData
 
 
 def _run(capsys, *argv):
@@ -40,15 +38,18 @@ def test_help_lists_every_documented_field_grouped_by_section(capsys):
     for key in all_keys():
         assert f"  {key} (" in out, key
     assert "train.lr (float, default 0.0005)\n      Peak learning rate (> 0)." in out
-    sections = [out.index(f"\n{s}: ") for s in ("model", "lora", "train", "data", "generate")]
-    assert sections == sorted(sections)
+    sections = [out.index(f"\n{s}: ") for s in ("model", "lora", "train", "generate")]
+    assert sections == sorted(sections) and "\ndata (experiment glue): " in out
     assert _run(capsys, "--help")[0] == 0
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "train.lrr=1"], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
-    (["train", "train.lr=abc"], "expected float, got 'abc'"),
-    (["train", "lora.r=0"], "lora.r: must be >= 1, got 0"),
+    (["train", "--preset", "glue-cpu-sst2", "train.lrr=1"], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    (["train", "experiment=glue", "train.lr=abc"], "expected float, got 'abc'"),
+    (["train", "experiment=glue", "lora.r=0"], "lora.r: must be an integer >= 1, got 0"),
+    (["train", "train.lr=1e-4"], "no experiment: pass --preset NAME or experiment=NAME"),
+    (["train", "experiment=glu"], "unknown experiment 'glu'; did you mean 'glue'?"),
+    (["train", "--preset", "glue-cpu-sst2", "data.packing=true"], "experiment 'glue' does not read this key"),
     (["train", "a.yaml", "b.yaml"], "unexpected argument 'b.yaml'"),
     (["train", "missing.yaml"], "config file 'missing.yaml' not found"),
     (["train", "--preset", "nope"], "unknown preset 'nope'"),
@@ -70,70 +71,107 @@ def test_argparse_errors_exit_2(capsys):
 
 
 def test_config_command_prints_loadable_documented_yaml(capsys, tmp_path):
-    code, out, _ = _run(capsys, "config", "train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]",
+    code, out, _ = _run(capsys, "config", "experiment=e2e", "train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]",
                         "--out", str(tmp_path / "saved.yaml"))
     assert code == 0 and "# Peak learning rate" in out
     (tmp_path / "printed.yaml").write_text(out)
-    expected = load_config(None, ["train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]"])
+    expected = load_config(None, ["experiment=e2e", "train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]"])
     assert load_config(tmp_path / "printed.yaml") == expected == load_config(tmp_path / "saved.yaml")
     code, out, _ = _run(capsys, "config", "--schema")
     assert code == 0 and "generate.num_beams (int, default 10)" in out
+
+
+def test_config_presets_is_a_readable_table(capsys):
+    code, out, _ = _run(capsys, "config", "--presets")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["preset", "experiment", "model", "method", "description"]
+    row = next(line for line in lines if line.startswith("glue-cpu-sst2-full "))
+    assert row.split()[1:4] == ["glue", "minilm-l6", "full"] and "{" not in out  # no JSON wall
+    assert len(lines) == 2 + len(C.list_presets())
+
+
+def test_overrides_after_an_option_are_overrides(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("train: {lr: 2e-4}\n")
+    code, out, err = _run(capsys, "train", str(tmp_path / "c.yaml"), "--preset", "glue-cpu-sst2", "train.seed=3",
+                          "--dry-run")
+    assert code == 0, err
+    assert "seed: 3" in out and "lr: 0.0002" in out
 
 
 # ---------------------------------------------------------------- orchestration with a fake experiment
 
 
 class FakeExperiment:
-    """build/report/fit recorders; ``fail_in`` raises in that phase."""
+    """An Experiment whose build/baseline/report record their calls; ``fail_in`` raises in that phase."""
 
-    def __init__(self, fail_in=None, fit_status="completed", interrupt=False):
-        self.fail_in, self.fit_status, self.interrupt = fail_in, fit_status, interrupt
-        self.built_with, self.fit_kwargs, self.reported = None, None, None
+    name = "fake"
+    data_config = ToyData
+    sections = ()
+    presets = {"fake-preset": {"_doc": "a fake", "train.lr": 7e-4}}
+
+    def __init__(self):
+        self.fail_in, self.fit_status, self.interrupt = None, "completed", False
+        self.built_with, self.fit_kwargs, self.reported, self.baselines = None, None, None, 0
 
     def build(self, cfg):
         self.built_with = cfg
         if self.fail_in == "build":
             raise RuntimeError("boom in build")
-        return nn.Linear(1, 1), "TASK", "TOKENIZER"
+        return Built(nn.Linear(1, 1), "TASK", {"tokenizer": "TOKENIZER"})
+
+    def baseline(self, built):
+        self.baselines += 1
+        return Baseline(score=0.5, kind="majority class")
 
     def fit(self, model, task, train_cfg, run_dir=None, resume=False, log=print):
         self.fit_kwargs = {"task": task, "train_cfg": train_cfg, "run_dir": run_dir, "resume": resume}
         if self.interrupt:
             raise KeyboardInterrupt
-        return types.SimpleNamespace(status=self.fit_status, global_step=7)
+        return types.SimpleNamespace(status=self.fit_status, global_step=7, tokens_per_second=10.0)
 
-    def report(self, cfg, model, tokenizer, run_dir, fit_result):
-        self.reported = (tokenizer, Path(run_dir), fit_result)
-        return {"accuracy": 0.875, "steps": getattr(fit_result, "global_step", None)}
+    def report(self, built, fit, run_dir):
+        self.reported = (built.state["tokenizer"], Path(run_dir), fit)
+        return Result(experiment="fake", main_metric="accuracy", score=0.875, metrics={"accuracy": 0.875},
+                      baseline=built.baseline, margin=0.01, trainable_params=2, total_params=2,
+                      details={"steps": getattr(fit, "global_step", None)})
 
 
 @pytest.fixture
 def fake(monkeypatch):
     exp = FakeExperiment()
-    monkeypatch.setattr(cli, "get_experiment", lambda name: exp)
-    monkeypatch.setattr(cli, "_get_fit", lambda: exp.fit)
+    monkeypatch.setitem(E._REGISTRY, "fake", exp)
+    monkeypatch.setattr(loralab.engine.trainer, "fit", exp.fit)
     return exp
+
+
+F = ["experiment=fake"]
 
 
 def test_train_creates_run_fits_reports_and_records(capsys, tmp_path, fake):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("train: {lr: 2e-4, seed: 1}\n")
+    cfg_file.write_text("experiment: fake\ntrain: {lr: 2e-4, seed: 1}\n")
     code, out, err = _run(capsys, "train", str(cfg_file), f"out_dir={tmp_path / 'runs'}", "train.seed=5", "--quiet")
     assert code == 0, err
     (record,) = list_runs(tmp_path / "runs")
-    assert record.status == "completed" and record.metrics == {"accuracy": 0.875, "steps": 7}
+    assert record.status == "completed" and record.metrics["score"] == 0.875
+    assert record.metrics["baseline.score"] == 0.5 and record.metrics["learned"] is True
     assert fake.built_with.train.lr == 2e-4 and fake.built_with.train.seed == 5 and fake.built_with.train.quiet
     assert fake.fit_kwargs["train_cfg"] is fake.built_with.train and fake.fit_kwargs["task"] == "TASK"
     assert Path(fake.fit_kwargs["run_dir"]) == record.dir and fake.fit_kwargs["resume"] is False
     assert fake.reported[:2] == ("TOKENIZER", record.dir)
-    assert json.loads((record.dir / "results.json").read_text()) == {"accuracy": 0.875, "steps": 7}
-    assert f"run {record.id[:8]} completed" in out
+    results = json.loads((record.dir / "results.json").read_text())
+    assert results["score"] == 0.875 and results["baseline"]["kind"] == "majority class"
+    assert results["learned"] is True and results["details"]["steps"] == 7
+    assert results["run"] == {"name": "fake", "model": "minilm-l6", "task": "fake", "method": "lora", "seed": 5}
+    assert results["tokens_per_second"] == 0.0 and results["wall_seconds"] > 0
+    assert json.loads((record.dir / "baseline.json").read_text())["score"] == 0.5
+    assert f"run {record.id[:8]} completed" in out and "baseline 0.5 (majority class)  -> learned" in out
 
 
 def test_runtime_failure_exits_1_and_marks_the_run_failed(capsys, tmp_path, fake):
     fake.fail_in = "build"
-    code, _, err = _run(capsys, "train", f"out_dir={tmp_path}")
-    assert code == 1 and "RuntimeError: boom in build" in err
+    code, _, err = _run(capsys, "train", *F, f"out_dir={tmp_path}")
+    assert code == 1 and "RuntimeError: boom in build" in err and "bug in loralab" in err
     (record,) = list_runs(tmp_path)
     assert record.status == "failed" and "boom in build" in (record.dir / "error.txt").read_text()
 
@@ -142,7 +180,7 @@ def test_runtime_failure_exits_1_and_marks_the_run_failed(capsys, tmp_path, fake
 def test_ctrl_c_exits_130_and_marks_interrupted(capsys, tmp_path, fake, how):
     fake.interrupt = how == "keyboard_interrupt"
     fake.fit_status = "interrupted"
-    code, _, err = _run(capsys, "train", f"out_dir={tmp_path}")
+    code, _, err = _run(capsys, "train", *F, f"out_dir={tmp_path}")
     assert code == 130 and "interrupted" in err
     (record,) = list_runs(tmp_path)
     assert record.status == "interrupted" and fake.reported is None
@@ -151,7 +189,7 @@ def test_ctrl_c_exits_130_and_marks_interrupted(capsys, tmp_path, fake, how):
 
 def test_resume_reuses_the_run_and_refuses_math_changes(capsys, tmp_path, fake):
     fake.fit_status = "interrupted"
-    _run(capsys, "train", f"out_dir={tmp_path}", "train.max_steps=10")
+    _run(capsys, "train", *F, f"out_dir={tmp_path}", "train.max_steps=10")
     (record,) = list_runs(tmp_path)
     code, _, err = _run(capsys, "train", "--resume", str(record.dir), "train.lr=1e-3")
     assert code == 2 and "cannot change train.lr when resuming" in err
@@ -162,23 +200,24 @@ def test_resume_reuses_the_run_and_refuses_math_changes(capsys, tmp_path, fake):
     (again,) = list_runs(tmp_path)  # the same run, not a new one
     assert again.id == record.id and again.status == "completed" and fake.fit_kwargs["resume"] is True
     assert load_config(record.dir / "config.yaml").train.max_steps == 20
+    assert fake.baselines == 1  # measured once per run: the resumed process read baseline.json
 
 
-def test_dry_run_and_quickstart_preset(capsys, tmp_path, fake):
+def test_dry_run_and_presets(capsys, tmp_path, fake):
     code, out, _ = _run(capsys, "train", "--preset", "quickstart", "--dry-run", "train.lr=1e-4")
     assert code == 0 and fake.built_with is None
     (tmp_path / "p.yaml").write_text(out)
     printed = load_config(tmp_path / "p.yaml")
     assert printed == load_config(None, ["train.lr=1e-4"], preset="quickstart")
-    assert printed.train.lr == 1e-4 and printed != load_config(None, ["train.lr=1e-4"])  # the preset applied
-    code, _, err = _run(capsys, "quickstart", f"out_dir={tmp_path / 'q'}")
+    assert printed.train.lr == 1e-4 and printed.experiment == "instruct" and printed.model.quantize == "nf4"
+    code, _, err = _run(capsys, "train", "--preset", "fake-preset", f"out_dir={tmp_path / 'q'}")
     assert code == 0, err
-    assert fake.built_with == load_config(None, [f"out_dir={tmp_path / 'q'}"], preset="quickstart")
-    assert list_runs(tmp_path / "q")[0].status == "completed"
+    assert fake.built_with == load_config(None, [f"out_dir={tmp_path / 'q'}"], preset="fake-preset")
+    assert fake.built_with.train.lr == 7e-4 and list_runs(tmp_path / "q")[0].status == "completed"
 
 
 def test_eval_loads_the_runs_adapter(capsys, tmp_path, fake):
-    _run(capsys, "train", f"out_dir={tmp_path}", "train.lr=3e-4")
+    _run(capsys, "train", *F, f"out_dir={tmp_path}", "train.lr=3e-4")
     (trained,) = list_runs(tmp_path)
     code, _, err = _run(capsys, "eval", str(trained.dir))
     assert code == 2 and "no adapter" in err
@@ -197,12 +236,16 @@ def test_eval_loads_the_runs_adapter(capsys, tmp_path, fake):
 
 def test_runs_list_show_compare(capsys, tmp_path, fake):
     for lr in ("1e-3", "2e-4"):
-        assert _run(capsys, "train", f"out_dir={tmp_path}", f"train.lr={lr}")[0] == 0
+        assert _run(capsys, "train", *F, f"out_dir={tmp_path}", f"train.lr={lr}")[0] == 0
     a, b = list_runs(tmp_path)
     code, out, _ = _run(capsys, "runs", "--root", str(tmp_path), "list")
-    assert code == 0 and a.id[:8] in out and b.id[:8] in out and "accuracy=0.875" in out
+    header = out.splitlines()[0].split()
+    assert code == 0 and a.id[:8] in out and b.id[:8] in out
+    assert header[-3:] == ["score", "baseline", "learned"]
+    row = next(line for line in out.splitlines() if line.startswith(a.id[:8])).split()
+    assert row[-3:] == ["0.875", "0.5", "yes"]
     code, out, _ = _run(capsys, "runs", "--root", str(tmp_path), "show", a.id[:6])
-    assert code == 0 and str(a.dir) in out and '"accuracy": 0.875' in out
+    assert code == 0 and str(a.dir) in out and '"score": 0.875' in out
     code, out, _ = _run(capsys, "runs", "--root", str(tmp_path), "compare", a.id[:8], b.id[:8])
     assert code == 0 and "train.lr" in out and "0.001" in out and "0.0002" in out
     code, _, err = _run(capsys, "runs", "--root", str(tmp_path), "show", "zzzz")
@@ -236,6 +279,7 @@ def test_models_and_score_e2e_dispatch_lazily(capsys, tmp_path, monkeypatch):
     assert code == 2 and "2 outputs but" in err and "Traceback" not in err
 
 
+
 # ---------------------------------------------------------------- the real trainer, once
 
 
@@ -263,23 +307,26 @@ def test_train_with_the_real_trainer(capsys, tmp_path, monkeypatch):
         with torch.no_grad():
             return {"mse": float(((model(x) - y) ** 2).mean())}
 
-    def build(cfg):
-        torch.manual_seed(cfg.train.seed)
-        model = holder["model"] = Regression()
-        task = TaskSpec(train_dataset=data, collate=collate,
-                        loss=lambda m, b: ((m(b["x"]) - b["y"]) ** 2).mean(), evaluate=mse, metric="mse",
-                        greater_is_better=False)
-        return model, task, None
+    class Experiment(FakeExperiment):
+        def build(self, cfg):
+            torch.manual_seed(cfg.train.seed)
+            model = holder["model"] = Regression()
+            task = TaskSpec(train_dataset=data, collate=collate,
+                            loss=lambda m, b: ((m(b["x"]) - b["y"]) ** 2).mean(), evaluate=mse, metric="mse",
+                            greater_is_better=False)
+            return Built(model, task, {})
 
-    def report(cfg, model, tokenizer, run_dir, fit_result):
-        return {**mse(model), "steps": fit_result.global_step, "status": fit_result.status}
+        def report(self, built, fit_result, run_dir):
+            return Result("fake", "mse", mse(built.model)["mse"], mse(built.model), greater_is_better=False,
+                          details={"steps": fit_result.global_step, "status": fit_result.status})
 
-    monkeypatch.setattr(cli, "get_experiment", lambda name: types.SimpleNamespace(build=build, report=report))
-    code, _, err = _run(capsys, "train", f"out_dir={tmp_path}", "train.max_steps=64", "train.lr=0.1",
+    monkeypatch.setitem(E._REGISTRY, "fake", Experiment())
+    code, _, err = _run(capsys, "train", *F, f"out_dir={tmp_path}", "train.max_steps=64", "train.lr=0.1",
                         "train.batch_size=16", "train.quiet=true", "train.schedule=constant")
     assert code == 0, err
     (record,) = list_runs(tmp_path)
     results = json.loads((record.dir / "results.json").read_text())
+    results = {**results["metrics"], **results["details"]}
     w = holder["model"].linear.weight.detach().double()
     b = holder["model"].linear.bias.detach().double()
     expected = float(((x.double() @ w.T).squeeze(-1) + b - y.double()).pow(2).mean())
@@ -297,7 +344,8 @@ def test_merge_exports_a_model_that_matches_the_adapter_model(capsys, tmp_path, 
     from loralab.core.inject import inject_adapter
     from loralab.models.tiny import tiny_model
 
-    cfg = load_config(None, [f"out_dir={tmp_path}", "lora.r=4", "lora.alpha=8", "lora.modules_to_save=[classifier]"])
+    cfg = load_config(None, [*F, f"out_dir={tmp_path}", "lora.r=4", "lora.lora_alpha=8",
+                             "lora.modules_to_save=[classifier]"])
     trained = inject_adapter(tiny_model("bert", "seq_cls", seed=0), cfg.lora.to_lora_config())
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # stand-in for training: every trainable tensor (B included) moves away from init
@@ -308,14 +356,15 @@ def test_merge_exports_a_model_that_matches_the_adapter_model(capsys, tmp_path, 
     save_adapter(trained, tmp_path / "run" / "adapter")
     C.save_config(cfg, tmp_path / "run" / "config.yaml")
 
-    def build(run_cfg):
-        model = tiny_model("bert", "seq_cls", seed=0)
-        load_adapter(model, run_cfg.lora.init_from)  # injects the adapter's LoRA layers and loads the weights
-        example = {"input_ids": [2, 40, 41, 42, 3], "attention_mask": [1] * 5}
-        collate = lambda exs: {k: torch.tensor([e[k] for e in exs]) for k in exs[0]}  # noqa: E731
-        return model, TaskSpec(train_dataset=[example], collate=collate, loss=lambda m, b: None), None
+    class Experiment(FakeExperiment):
+        def build(self, run_cfg):
+            model = tiny_model("bert", "seq_cls", seed=0)
+            load_adapter(model, run_cfg.lora.init_from)  # injects the adapter's LoRA layers and loads the weights
+            example = {"input_ids": [2, 40, 41, 42, 3], "attention_mask": [1] * 5}
+            collate = lambda exs: {k: torch.tensor([e[k] for e in exs]) for k in exs[0]}  # noqa: E731
+            return Built(model, TaskSpec(train_dataset=[example], collate=collate, loss=lambda m, b: None), {})
 
-    monkeypatch.setattr(cli, "get_experiment", lambda name: types.SimpleNamespace(build=build))
+    monkeypatch.setitem(E._REGISTRY, "fake", Experiment())
     code, out, err = _run(capsys, "merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
     assert code == 0, err
     merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
@@ -337,7 +386,9 @@ import sys, time, types
 import torch
 from torch import nn
 from loralab import cli
+from loralab.engine.experiment import Built, Result, register_experiment
 from loralab.engine.task import TaskSpec
+from tests.engine.toy_experiment import ToyData
 
 g = torch.Generator().manual_seed(0)
 x = torch.randn(256, 2, generator=g)
@@ -351,15 +402,24 @@ def loss(model, batch):
     time.sleep(0.03)  # slow enough to be interrupted mid-run
     return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
 
-def build(cfg):
-    torch.manual_seed(cfg.train.seed)
-    return nn.Linear(2, 1), TaskSpec(train_dataset=data, collate=collate, loss=loss), None
+class Driver:
+    name, data_config, sections, presets = "driver", ToyData, (), {}
 
-def report(cfg, model, tokenizer, run_dir, fit_result):
-    return {"steps": fit_result.global_step, "weight": model.weight.tolist(), "bias": model.bias.tolist()}
+    def build(self, cfg):
+        torch.manual_seed(cfg.train.seed)
+        return Built(nn.Linear(2, 1), TaskSpec(train_dataset=data, collate=collate, loss=loss), {})
+
+    def baseline(self, built):
+        return None
+
+    def report(self, built, fit_result, run_dir):
+        m = built.model
+        return Result("driver", "steps", fit_result.global_step, {"steps": fit_result.global_step},
+                      details={"weight": m.weight.tolist(), "bias": m.bias.tolist()})
+
+register_experiment(Driver())
 
 if __name__ == "__main__":
-    cli.get_experiment = lambda name: types.SimpleNamespace(build=build, report=report)
     sys.exit(cli.main(sys.argv[1:]))
 '''
 
@@ -376,12 +436,13 @@ def test_ctrl_c_then_resume_through_the_cli_matches_an_uninterrupted_run(tmp_pat
 
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    args = ["train.max_steps=32", "train.batch_size=16", "train.save_every=4", "train.lr=0.05", "train.quiet=true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["experiment=driver", "train.max_steps=32", "train.batch_size=16", "train.save_every=4", "train.lr=0.05",
+            "train.quiet=true"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
 
-    experiment = runpy.run_path(str(driver))  # the uninterrupted reference run, in this process
-    monkeypatch.setattr(cli, "get_experiment",
-                        lambda name: types.SimpleNamespace(build=experiment["build"], report=experiment["report"]))
+    monkeypatch.syspath_prepend(root)
+    runpy.run_path(str(driver))  # registers "driver" here too: the uninterrupted reference run, in this process
     code, _, err = _run(capsys, "train", f"out_dir={tmp_path / 'straight'}", *args)
     assert code == 0, err
     (straight,) = list_runs(tmp_path / "straight")
@@ -405,8 +466,8 @@ def test_ctrl_c_then_resume_through_the_cli_matches_an_uninterrupted_run(tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     (after,) = list_runs(tmp_path / "cut")
     assert after.id == cut.id and after.status == "completed"
-    a = json.loads((straight.dir / "results.json").read_text())
-    b = json.loads((after.dir / "results.json").read_text())
+    a, b = (json.loads((r.dir / "results.json").read_text()) for r in (straight, after))
+    a, b = ({**r["details"], "steps": r["score"]} for r in (a, b))
     assert a["steps"] == b["steps"] == 32
     assert (a["weight"], a["bias"]) == (b["weight"], b["bias"])  # exact resume: bit-identical weights
     steps = [json.loads(line).get("step") for line in (after.dir / "metrics.jsonl").read_text().splitlines()]

@@ -224,7 +224,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     from loralab.models import zoo
 
-    rows = [dataclasses.asdict(m) for m in zoo.list_models()]
+    rows = [dataclasses.asdict(m) if dataclasses.is_dataclass(m) else dict(m) for m in zoo.list_models()]
     keys = list(dict.fromkeys(k for m in rows for k in m))
     print(format_table(keys, [[m.get(k) for k in keys] for m in rows]))
     return 0

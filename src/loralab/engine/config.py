@@ -16,7 +16,7 @@ import difflib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -49,6 +49,7 @@ def sections_for(experiment: str) -> dict[str, type]:
 class RunConfig:
     """One run: the experiment, its name and output root, and one section per concern."""
 
+    SCALARS: ClassVar[tuple[str, ...]] = ("experiment", "name", "out_dir")
     experiment: str = ""
     """The experiment (a registered plugin: ``loralab config --presets`` lists them) that builds and reports the run."""
     name: str | None = None
@@ -177,8 +178,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     the YAML file (two different presets are an error). YAML files may be partial.
     """
     overrides = list(overrides or [])
-    raw = [parse_override(item) for item in overrides]  # text fields are re-parsed below, once the schema is known
-    presets = {preset} - {None} | {str(v) for k, v in raw if k == "preset"}
+    # only `preset` and `experiment` are read before the schema is known; every item is parsed (typed) below
+    raw = [(k.strip().lstrip("-"), v.strip()) for k, _, v in (item.partition("=") for item in overrides)]
+    presets = {preset} - {None} | {v for k, v in raw if k == "preset"}
     file_layer: dict = read_yaml(path) if path is not None else {}
     if "preset" in file_layer:
         presets.add(str(file_layer.pop("preset")))

@@ -32,6 +32,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from loralab.engine.typed_config import ConfigError
+
 ENTRY_POINT_GROUP = "loralab.experiments"
 PLUGIN_ENV = "LORALAB_EXPERIMENTS"
 
@@ -151,7 +153,7 @@ def experiments() -> dict[str, Experiment]:
     return dict(_REGISTRY)
 
 
-class UnknownExperimentError(ValueError):
+class UnknownExperimentError(ConfigError):
     pass
 
 

@@ -220,9 +220,14 @@ def unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown key {key!r}{hint}")
 
 
+def scalars_of(root: type, sections: dict[str, type]) -> list[str]:
+    """The root's own (non-section) fields: ``root.SCALARS`` when it names them, else every other field."""
+    return list(getattr(root, "SCALARS", None) or [f.name for f in fields(root) if f.name not in sections])
+
+
 def keys_of(root: type, sections: dict[str, type]) -> list[str]:
     """Every dotted key of a schema: the root's scalar fields, then ``<section>.<field>``."""
-    keys = [f.name for f in fields(root) if f.name not in sections]
+    keys = scalars_of(root, sections)
     for section, cls in sections.items():
         keys += [f"{section}.{f.name}" for f in fields(cls)]
     return keys
@@ -231,7 +236,7 @@ def keys_of(root: type, sections: dict[str, type]) -> list[str]:
 def set_key(tree: dict, key: str, value: Any, source: str, root: type, sections: dict[str, type]) -> None:
     """Set dotted ``key`` in the nested ``tree``, checking the key and coercing ``value`` to its type."""
     parts = key.split(".")
-    valid = keys_of(root, sections)
+    valid = keys_of(root, sections) + list(sections)
     if parts[0] in sections and len(parts) >= 2:
         cls, name, rest = sections[parts[0]], parts[1], parts[2:]
         hints = field_types(cls)
@@ -246,7 +251,7 @@ def set_key(tree: dict, key: str, value: Any, source: str, root: type, sections:
             return
         section[name] = coerce(value, hints[name], f"{parts[0]}.{name} (from {source})")
         return
-    if len(parts) != 1 or key not in {f.name for f in fields(root)}:
+    if len(parts) != 1 or key not in set(scalars_of(root, sections)) | set(sections):
         raise unknown_key(key, valid)
     if key in sections:
         if not isinstance(value, dict):
