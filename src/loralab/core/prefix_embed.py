@@ -43,12 +43,11 @@ class PrefixEmbedding(nn.Module):
 
     def rewrite(self, embed: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         """input_ids (+ mask, labels, token types) → inputs_embeds with the prefix and infix inserted."""
+        if kwargs.get("past_key_values") is not None:
+            raise NotImplementedError("prefix_embed does not support incremental decoding (generate, or a "
+                                      "past_key_values cache); run full forwards, or use prefix_layer, which does")
         if kwargs.get("position_ids") is not None:
             raise ValueError("prefix_embed computes the longer sequence's positions itself; do not pass position_ids")
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            raise NotImplementedError("prefix_embed does not support incremental decoding (generate with a "
-                                      "cache); run full forwards, or use prefix_layer, which does")
         ids = kwargs.pop("input_ids", None)
         x = embed(ids) if ids is not None else kwargs.pop("inputs_embeds")
         b, t = x.shape[:2]
