@@ -226,3 +226,19 @@ def test_prefix_embedding_labels_defaults_and_refusals():
         merge_prefix_embedding(model)
     with pytest.raises(ValueError, match="infix_at"):
         model(**batch, infix_at=torch.tensor([9, 1]))
+
+
+def test_prefixed_model_survives_deepcopy_and_pickle():
+    import copy
+    import io
+    model = _model("llama", kind="causal_lm")
+    add_prefixes(model, l_p=2, reparam=True, reparam_dim=4, reparam_hidden=4)
+    ids = _batch()["input_ids"]
+    ref = model(input_ids=ids).logits
+    twin = copy.deepcopy(model)
+    assert twin.model.layers[0].self_attn.loralab_prefix._reparam is twin.loralab_prefix_reparam
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (twin, torch.load(buf, weights_only=False)):
+        torch.testing.assert_close(other(input_ids=ids).logits, ref, rtol=0, atol=0)

@@ -19,7 +19,8 @@ goes (roles as in blocks.py; L = number of transformer layers):
   recipe, which the count then includes as L̂_LN = number of those LayerNorms).
 * ``adapter_l`` (Lin): one adapter on the output of each whole transformer layer (after its MLP and, in
   post-LN models, after the layer's final LayerNorm), with its own new trainable LayerNorm on the
-  adapter input. L̂_Adpt = L, L̂_LN = L.
+  adapter input. L̂_Adpt = L, L̂_LN = L. (The layer itself is wrapped, so ``output_hidden_states``
+  reports the layers' outputs before their adapter; the forward itself is right.)
 * ``adapter_p`` (Pfeiffer): one adapter per layer after ``ffn_out`` only (the same place as Houlsby's
   second adapter: before dropout, the residual add and the LayerNorm); no LayerNorm trains.
   L̂_Adpt = L, L̂_LN = 0.

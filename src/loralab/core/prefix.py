@@ -19,7 +19,8 @@ it shifts the real tokens' positions by l_p, makes the caller extend every atten
 generate's), and BERT-style encoders build their masks without the cache. The projections cannot simply be
 wrapped either (the modules ``view`` K with the input's length). MPNet does its attention inline, so its
 ``MPNetSelfAttention`` is wrapped by ``PrefixMPNetAttention``, which recomputes it from the same weights with
-the prefixes, the mask and the relative-position bias extended by l_p columns. Flash/flex attention are refused.
+the prefixes, the mask and the relative-position bias extended by l_p columns. Flash/flex attention are refused;
+GPT-2's ``reorder_and_upcast_attn`` (off by default) is bypassed: its eager path then uses the plain eager function.
 
 Counts (L layers, d_kv = n_kv·head_dim, = d without grouped-query attention): the prefixes are
 2·L·d_kv·l_p numbers. Hu et al. count PreLayer as L·d·(l_p + l_i), one d-vector of activations per special
@@ -91,7 +92,10 @@ class _ConfigView:
     def __getattr__(self, name: str) -> Any:
         if name == "_attn_implementation":
             return ATTN_IMPL
-        return getattr(self.__dict__["_loralab_config"], name)
+        config = self.__dict__.get("_loralab_config")
+        if config is None or name.startswith("__"):  # copy/pickle probe dunders on a bare instance
+            raise AttributeError(name)
+        return getattr(config, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.__dict__["_loralab_config"], name, value)
