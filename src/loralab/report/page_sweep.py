@@ -37,7 +37,7 @@ def point_learned(point: dict[str, Any]) -> Any:
 
 
 def _label(overrides: dict[str, Any], keys: list[str]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={fmt(overrides.get(k))}" for k in keys) or "score"
+    return ", ".join(f"{k.split('.')[-1]}={fmt(overrides.get(k))}" for k in keys) or "median over seeds"
 
 
 def sweep_panel(sweep: dict[str, Any], key: str) -> plots.Panel:
