@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("matplotlib", reason="the report draws with matplotlib (pip install matplotlib)")
+
 from loralab.report.commands import main
 
 from .cdp import Browser, find_chromium

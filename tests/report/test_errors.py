@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("matplotlib", reason="the report draws with matplotlib (pip install matplotlib)")
+
 from loralab.report.commands import main
 
 from .conftest import make_analysis, make_run, make_sweep
@@ -33,7 +35,7 @@ def test_a_file_instead_of_its_directory(capsys, tmp_path, run_dir):
 
 def test_a_directory_of_runs_names_one_of_them(capsys, tmp_path, run_dir):
     err = _fails(capsys, str(run_dir.parent), "--out", str(tmp_path / "o"))
-    assert "not a run, sweep or analysis directory" in err and f"holds 1 run dirs" in err and str(run_dir) in err
+    assert "not a run, sweep or analysis directory" in err and "holds 1 run dirs" in err and str(run_dir) in err
 
 
 def test_bad_results_json(capsys, tmp_path, run_dir):
@@ -81,3 +83,12 @@ def test_the_report_package_imports_neither_torch_nor_matplotlib_at_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == ""
+
+
+def test_without_matplotlib_the_error_says_how_to_install_it(capsys, monkeypatch, tmp_path, run_dir):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert "pip install matplotlib" in _fails(capsys, str(run_dir), "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

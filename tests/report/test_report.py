@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("matplotlib", reason="the report draws with matplotlib (pip install matplotlib)")
+
 from loralab.report.commands import main
 from loralab.report.html import fmt
 
@@ -118,7 +120,7 @@ def test_a_run_that_did_not_learn_is_flagged(pages, capsys, tmp_path):
     verdict = _page(pages["compare"]).find_all("div", "verdict")
     flagged = [v for v in verdict if v.attrs["data-learned"] == "false"]
     assert len(flagged) == 1 and "bad" in flagged[0].classes() and "Did not learn" in flagged[0].text
-    none = make_run(tmp_path / "runs", "nobase", baseline=None, learned=None)
+    none = make_run(tmp_path / "runs", "nobase", baseline=None, learned=None, metrics=False)
     doc = _page(_report(capsys, tmp_path / "o", none))
     v = doc.find_all("div", "verdict")[0]
     assert v.attrs["data-learned"] == "null" and "unknown" in v.classes() and "no baseline" in v.text
@@ -181,7 +183,7 @@ def test_analysis_page_heatmaps_and_delta_w_table(pages):
 
 
 def test_preset_diff_from_the_callers_presets_and_from_preset_json(capsys, tmp_path):
-    run = make_run(tmp_path / "runs", "p", preset="glue-sst2")
+    run = make_run(tmp_path / "runs", "p", preset="glue-sst2", metrics=False)
     presets = {"glue-sst2": {"train.lr": 1e-3, "lora": {"r": 8}, "data.task": "sst2"}}
     doc = _page(_report(capsys, tmp_path / "o1", run, presets=presets))
     rows = [[c.text for c in r] for r in table_rows(doc.find_all("table", "diff")[0])]
@@ -209,6 +211,7 @@ def test_a_truncated_metrics_line_is_a_warning_not_a_failure(capsys, tmp_path, r
 
 def test_a_run_without_results_is_reported_as_unfinished(capsys, tmp_path, run_dir):
     (run_dir / "results.json").unlink()
+    (run_dir / "metrics.jsonl").unlink()
     (run_dir / "error.txt").write_text("RuntimeError: loss is nan")
     doc = _page(_report(capsys, tmp_path / "o", run_dir))
     v = doc.find_all("div", "verdict")[0]

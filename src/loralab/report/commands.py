@@ -50,8 +50,6 @@ def _relabel(sections: list[Section], label: str) -> list[Section]:
 def build(paths: Sequence[Path], out_dir: Path, *, presets: Mapping[str, Mapping[str, Any]] | None = None,
           embed: bool = False, title: str | None = None) -> Path:
     """Write ``out_dir/index.html`` and its figures; returns the page's path. Raises ``ReportError``."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ReportError("matplotlib is not installed; install it (pip install matplotlib) to draw the plots")
     if out_dir.exists() and not out_dir.is_dir():
         raise ReportError(f"{out_dir}: --out exists and is not a directory; pass a directory")
     kinds = [detect(Path(p)) for p in paths]
@@ -65,6 +63,8 @@ def build(paths: Sequence[Path], out_dir: Path, *, presets: Mapping[str, Mapping
             sources.append(run)
         else:
             sources.append(read_sweep(path, presets) if kind == "sweep" else read_analysis(path))
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ReportError("matplotlib is not installed; install it (pip install matplotlib) to draw the plots")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [s for s in sources if isinstance(s, RunData)]
     single = len(sources) == 1

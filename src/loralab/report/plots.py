@@ -78,8 +78,9 @@ def _style() -> dict[str, Any]:
 
 def _save(fig: Any, out_dir: Path, stem: str, title: str, alt: str) -> Plot:
     png, svg = out_dir / f"{stem}.png", out_dir / f"{stem}.svg"
-    fig.savefig(png, format="png", bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(svg, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    fig.savefig(png, format="png", metadata={"Software": None})
+    fig.set_layout_engine("none")  # the layout of the PNG's draw, kept: the SVG need not solve it again
+    fig.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
     return Plot(stem, png, svg, title, alt)
 
 
