@@ -14,6 +14,9 @@ from loralab.report.sources import RunData, config_diff, flatten
 
 Section = tuple[str, str, str]
 TRAIN_KEYS = ("train/loss", "train/lr", "train/tokens_per_s")
+EVAL_LOSS_KEYS = ("eval/loss", "eval/eval_loss", "eval/val_loss")
+"""The evaluation loss, drawn over the training loss (the first of these a run logs)."""
+SHOWN_DETAILS = ("table", "paper", "memory", "peak_rss_mb")
 
 
 @dataclass
@@ -63,9 +66,11 @@ def curve_panels(runs: list[RunData], labels: list[str]) -> dict[str, tuple[str,
         return plots.Panel(title, ylabel, series) if series else None
 
     figures: dict[str, tuple[str, list[plots.Panel]]] = {}
-    evals = [k for k in metric_keys(runs, "eval/") if k != "eval/loss"]
+    eval_keys = metric_keys(runs, "eval/")
+    eval_loss = next((k for k in EVAL_LOSS_KEYS if k in eval_keys), None)
+    evals = [k for k in eval_keys if k != eval_loss]
     others = [k for k in metric_keys(runs, "train/") if k not in TRAIN_KEYS]
-    wanted = [("loss", "Loss", [("train/loss", "training loss", "loss", "eval/loss")]),
+    wanted = [("loss", "Loss", [("train/loss", "training loss", "loss", eval_loss)]),
               ("lr", "Learning rate", [("train/lr", "learning rate", "lr", None)]),
               ("eval", "Evaluation", [(k, k[5:], k[5:], None) for k in evals]),
               ("throughput", "Throughput", [("train/tokens_per_s", "training throughput", "tokens/s", None)]),
@@ -107,8 +112,8 @@ def verdict(results: dict[str, Any] | None, run: RunData) -> Raw:
         head, cls = "✗ Did not learn", "bad"
     else:
         head, cls = "? Learned: unknown", "unknown"
-    margin = (f"; needs {direction} than the baseline by more than {num(results['margin'], 'margin')}"
-              if results.get("margin") is not None else "")
+    margin = (f"; learning means beating it by more than {num(results['margin'], 'margin')} ({direction} is better)"
+              if results.get("margin") is not None and base else "")
     return Raw(f'<div class="verdict {cls}" data-learned="{esc(json.dumps(learned))}">{head}: {esc(metric)} '
                f"{num(score, 'score')}{against}{margin if learned is not True else ''}</div>")
 
@@ -164,7 +169,8 @@ def tables_section(run: RunData, out: Out) -> Section | None:
     mine = details.get("table")
     paper = details.get("paper")
     memory = details.get("memory")
-    if not (mine or paper or isinstance(memory, dict)):
+    rest = {k: v for k, v in details.items() if k not in SHOWN_DETAILS}
+    if not (mine or paper or isinstance(memory, dict) or rest):
         return None
     side = []
     if mine:
@@ -174,6 +180,9 @@ def tables_section(run: RunData, out: Out) -> Section | None:
     parts = [f'<div class="side">{"".join(side)}</div>'] if side else []
     if isinstance(memory, dict):
         parts.append("<h3>Memory</h3>" + mapping_table(memory))
+    if rest:
+        parts.append("<details><summary>More details (results.json)</summary>"
+                     + table(["key", "value"], sorted(flatten(rest).items()), "details") + "</details>")
     return (out.stem("tables"), "Experiment tables", "\n".join(parts))
 
 

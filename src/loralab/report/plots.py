@@ -132,6 +132,10 @@ def _draw_panel(ax: Any, panel: Panel) -> None:
     elif panel.xvalues and len(panel.xvalues) <= 12:
         ax.set_xticks(panel.xvalues, [f"{v:g}" for v in panel.xvalues])
         ax.minorticks_off()
+    elif panel.xlabel == "step":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     entries = len(panel.series) + len(panel.hlines)
     if entries > 1 and len(panel.series) <= 12:
         if entries > 4:
