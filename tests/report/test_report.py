@@ -92,7 +92,7 @@ def test_run_page_structure_plots_and_numbers(pages):
     results = json.loads((run / "results.json").read_text())
     doc = _page(out)
     assert [s.attrs["id"] for s in doc.find_all("section")] == ["result", "curves", "tables", "config"]
-    assert set(_check_assets(out)) == {"loss", "lr", "eval", "throughput"}
+    assert set(_check_assets(out)) == {"loss", "lr", "eval", "throughput", "memory"}
     verdict = doc.find_all("div", "verdict")[0]
     assert verdict.attrs["data-learned"] == "true" and "ok" in verdict.classes() and "Learned" in verdict.text
     assert (results["score"], fmt(results["score"])) in _nums(verdict, "score")

@@ -180,6 +180,10 @@ def tables_section(run: RunData, out: Out) -> Section | None:
     parts = [f'<div class="side">{"".join(side)}</div>'] if side else []
     if isinstance(memory, dict):
         parts.append("<h3>Memory</h3>" + mapping_table(memory))
+        bars = {k: float(v) for k, v in flatten(memory).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if len(bars) >= 2:
+            plot = plots.bar_plot(list(bars), list(bars.values()), out.dir, out.stem("memory"), "Memory", "as reported")
+            parts.append(f'<div class="figs">{out.figure(plot)}</div>')
     if rest:
         parts.append("<details><summary>More details (results.json)</summary>"
                      + table(["key", "value"], sorted(flatten(rest).items()), "details") + "</details>")
