@@ -76,7 +76,9 @@ def _check_assets(out: Path) -> list[str]:
         else:
             assert not re.match(r"^[a-z]+:|^//|^/", href) and (out / href).is_file(), href
             if href.endswith(".svg"):
-                assert ET.parse(out / href).getroot().tag.endswith("svg")
+                assert ET.parse(out / href).getroot().tag == "{http://www.w3.org/2000/svg}svg"
+                refs = set(re.findall(r"https?://[^\"' )]+", (out / href).read_text(encoding="utf-8")))
+                assert refs <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}, refs
     for png in out.glob("*.png"):
         if not png.name.startswith("orig-"):
             assert png.with_suffix(".svg").is_file(), png

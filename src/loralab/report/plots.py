@@ -7,6 +7,7 @@ Figures are ``matplotlib.figure.Figure`` objects (no pyplot, no global state); e
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,7 +81,9 @@ def _save(fig: Any, out_dir: Path, stem: str, title: str, alt: str) -> Plot:
     png, svg = out_dir / f"{stem}.png", out_dir / f"{stem}.svg"
     fig.savefig(png, format="png", metadata={"Software": None})
     fig.set_layout_engine("none")  # the layout of the PNG's draw, kept: the SVG need not solve it again
-    fig.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
+    fig.savefig(svg, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    text = svg.read_text(encoding="utf-8")  # the DTD line names a URL that nothing needs; drop it
+    svg.write_text(re.sub(r"<!DOCTYPE svg[^>]*>\s*", "", text, count=1), encoding="utf-8")
     return Plot(stem, png, svg, title, alt)
 
 
