@@ -100,8 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(config, overrides, preset=args.preset)
     if args.dry_run:
-        print(config_to_yaml_with_docs(cfg), end="")
-        return 0
+        return _dry_run(cfg)
     if args.run_dir:
         run, results = runner.run_at(cfg, args.run_dir)
     else:
@@ -110,6 +109,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_summary(run, results)
     elif run is not None:
         print(f"run {run.id[:8]} completed: {run.dir}")  # the experiment printed its own summary block
+    return 0
+
+
+def _dry_run(cfg: Any) -> int:
+    """The resolved config, then the model built with its method: trainable/total counts by kind as one
+    JSON object on the last line. Nothing trains."""
+    from loralab.core.methods import count_by_kind
+    from loralab.engine.experiment import get_experiment
+
+    print(config_to_yaml_with_docs(cfg), end="", flush=True)
+    built = get_experiment(cfg.experiment).build(cfg)
+    print(json.dumps({"experiment": cfg.experiment, "method": cfg.lora.method, **count_by_kind(built.model)}))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from loralab.analysis.commands import main as analyze
+
+    return analyze(args.rest)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from loralab.report.commands import main as report
+
+    return report(args.rest, presets=list_presets())
+
+
+def cmd_score_squad(args: argparse.Namespace) -> int:
+    from loralab.metrics.squad import score_files
+
+    print(json.dumps(score_files(args.dataset, args.predictions)))  # bad files: SquadFormatError, exit 2
     return 0
 
 
@@ -288,7 +318,14 @@ def _known_error(err: BaseException) -> bool:
                             UnicodeDecodeError, json.JSONDecodeError, ValueError))
 
 
+PASSTHROUGH = {"analyze": cmd_analyze, "report": cmd_report}
+"""Commands with parsers of their own: everything after the command word is theirs (--help included)."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:], command=argv[0]))
     parser = build_parser(sys.modules[__name__])
     try:
         args, extra = parser.parse_known_args(argv)

@@ -24,7 +24,8 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR", help="run in exactly DIR: create it, or finish what a previous "
                                                     "process left there (used by `loralab sweep`)")
     p.add_argument("--quiet", action="store_true", help="no progress output (same as train.quiet=true)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, build the model and method, "
+                                                          "print the trainable/total counts by kind (JSON); no training")
     p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser("sweep", help="a grid of runs over keys and seeds, resumable, with its table",
@@ -75,6 +76,20 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (the default)")
     p.add_argument("--table", action="store_true", help="print a table instead of JSON")
     p.set_defaults(func=commands.cmd_score_e2e)
+
+    p = sub.add_parser("score-squad", help="official SQuAD v1.1 exact match and F1 of a predictions file")
+    p.add_argument("dataset", metavar="DATASET.json")
+    p.add_argument("predictions", metavar="PREDICTIONS.json", help="{question id: answer}")
+    p.set_defaults(func=commands.cmd_score_squad)
+
+    p = sub.add_parser("analyze", help="the paper's analyses: subspace similarity, delta-w (see analyze --help)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=commands.cmd_analyze)
+
+    p = sub.add_parser("report", help="an HTML report of runs, sweeps or analyses (see report --help)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=commands.cmd_report)
 
     p = sub.add_parser("quickstart", help="the main job on an offline default (preset 'quickstart')")
     p.add_argument("items", nargs="*", metavar="key=value")

@@ -42,6 +42,8 @@ class Regression(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(4, 1)
+        nn.init.zeros_(self.linear.weight)  # starts at predicting 0: worse than the constant baseline
+        nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x).squeeze(-1)
@@ -57,8 +59,8 @@ class ToyExperiment:
     data_config: ClassVar[type] = ToyData
     sections: ClassVar[tuple[str, ...]] = ()
     presets: ClassVar[dict[str, dict]] = {
-        "toy-fit": {"_doc": "linear regression in a second", "data.n": 256, "train.lr": 0.05,
-                    "train.batch_size": 16, "train.max_steps": 48, "train.schedule": "constant", "lora.method": "full",
+        "toy-fit": {"_doc": "linear regression in a second", "data.n": 256, "train.lr": 0.2,
+                    "train.batch_size": 16, "train.max_steps": 64, "train.schedule": "constant", "lora.method": "full",
                     "train.quiet": True},
     }
 

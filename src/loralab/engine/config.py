@@ -49,9 +49,11 @@ def sections_for(experiment: str) -> dict[str, type]:
 class RunConfig:
     """One run: the experiment, its name and output root, and one section per concern."""
 
-    SCALARS: ClassVar[tuple[str, ...]] = ("experiment", "name", "out_dir")
+    SCALARS: ClassVar[tuple[str, ...]] = ("experiment", "preset", "name", "out_dir")
     experiment: str = ""
     """The experiment (a registered plugin: ``loralab config --presets`` lists them) that builds and reports the run."""
+    preset: str | None = None
+    """The preset the run was resolved from (recorded, so reports can show what differs from it)."""
     name: str | None = None
     """Run name used in the run dir (None: <experiment>-<data.task>)."""
     out_dir: str = "runs"
@@ -69,7 +71,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         errors = []  # every section's problems at once, not just the first section's
-        for key in ("experiment", "name", "out_dir"):
+        for key in self.SCALARS:
             try:
                 setattr(self, key, coerce(getattr(self, key), field_types(RunConfig)[key], key))
             except ConfigError as err:
@@ -200,6 +202,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"experiment: cannot change {base.experiment!r} to {experiment!r} on top of a saved config")
     if presets:
         apply_layer(tree, preset_layer, f"preset {next(iter(presets))!r}", RunConfig, sections)
+        tree["preset"] = next(iter(presets))
     if path is not None:
         apply_layer(tree, file_layer, str(path), RunConfig, sections)
     explicit = _flat_keys(file_layer)
@@ -242,7 +245,7 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
 
 def config_help(experiment: str | None = None) -> str:
     """Documentation of every key: the run's own fields, then each section (data per experiment)."""
-    lines = [help_text(RunConfig, only=("experiment", "name", "out_dir"))]
+    lines = [help_text(RunConfig, only=RunConfig.SCALARS)]
     shared = {"model": ModelConfig, "lora": LoraSection, "train": TrainConfig, **OPTIONAL_SECTIONS}
     for section, cls in shared.items():
         lines += ["", f"{section}: {inspect.getdoc(cls)}", help_text(cls, f"{section}.")]
@@ -255,7 +258,7 @@ def config_help(experiment: str | None = None) -> str:
 def config_to_yaml_with_docs(cfg: RunConfig) -> str:
     """Resolved config as YAML with each field's doc as a comment above it (still loadable)."""
     data = config_to_dict(cfg)
-    out = yaml_with_docs({k: data.get(k) for k in ("experiment", "name", "out_dir")}, RunConfig)
+    out = yaml_with_docs({k: data.get(k) for k in RunConfig.SCALARS}, RunConfig)
     for section, cls in sections_for(cfg.experiment).items():
         out += ["", f"# {inspect.getdoc(cls).splitlines()[0]}", f"{section}:"]
         out += yaml_with_docs(data[section], cls, "  ")
