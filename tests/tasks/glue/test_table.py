@@ -1,10 +1,16 @@
-"""The GLUE table: median over seeds, spread, the paper's row averaged over the same columns."""
+"""The GLUE table: median over seeds, spread, the baseline row and the failed-run mark, the paper's row
+averaged over the same columns; rows collected from results.json (the common schema) + config.yaml."""
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
-from loralab.tasks import glue_report as R
+from loralab.engine.experiment import Baseline, Result
+from loralab.metrics.glue import MAIN_METRIC
+from loralab.tasks.glue import table as R
+
+SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "glue"
 
 
 def _res(task, seed, value, method="lora", model="minilm-l6", key=None):
@@ -51,54 +57,111 @@ def test_paper_numbers_and_metric_choice():
         R.glue_table([])
 
 
+def _result(task, value, baseline=0.5, fit=None):
+    """A run's results.json in the common schema (as the runner writes it)."""
+    key = MAIN_METRIC[task]
+    res = Result("glue", key, value, {key: value, "eval_loss": 0.5}, baseline=Baseline(baseline, "majority class (1)"),
+                 margin=0.05, trainable_params=1234, total_params=99_999,
+                 details={"task": task, "fit": {"global_step": 10} if fit is None else fit})
+    return {**res.to_dict(), "run": {"task": task}}
+
+
+def _config(task, seed, experiment="glue", **overrides):
+    from loralab.engine.config import load_config
+
+    extra = [f"data.task={task}"] if experiment == "glue" else []
+    return load_config(overrides=[f"experiment={experiment}", *extra, f"train.seed={seed}",
+                                  *(f"{k}={v}" for k, v in overrides.items())])
+
+
+def _write_run(run_dir, task, seed, value, **kw):
+    from loralab.engine.config import save_config
+
+    run_dir.mkdir(parents=True)
+    save_config(_config(task, seed), run_dir / "config.yaml")
+    (run_dir / R.RESULT_FILE).write_text(json.dumps(_result(task, value, **kw)))
+
+
+def test_flatten_reads_results_json_and_config_yaml(tmp_path):
+    _write_run(tmp_path / "r", "stsb", 3, 0.81, baseline=0.0)
+    row = R.flatten(json.loads((tmp_path / "r" / R.RESULT_FILE).read_text()), tmp_path / "r")
+    assert (row["task"], row["seed"], row["model"], row["method"], row["main_metric"]) == (
+        "stsb", 3, "minilm-l6", "lora", "pearson")
+    assert (row["baseline"], row["learned"], row["trainable_params"]) == (0.0, True, 1234)  # 0.81 - 0 > 0.05
+    assert row["settings"] == {"lr": 5e-4, "epochs": 1.0, "max_steps": 0, "batch_size": 16, "r": 8, "alpha": 8.0,
+                               "train_samples": 0, "max_length": 128, "init_from": None}
+    assert R.result_score(row) == pytest.approx(81.0)
+
+
 def test_write_and_collect(tmp_path, capsys):
     for seed, v in enumerate([0.8, 0.9, 0.85]):
-        run = tmp_path / f"run{seed}"
-        run.mkdir()
-        (run / R.RESULT_FILE).write_text(json.dumps(_res("sst2", seed, v)))
-    (tmp_path / "eval-run").mkdir()  # `loralab eval` of an adapter: no fit, not another seed
-    (tmp_path / "eval-run" / R.RESULT_FILE).write_text(json.dumps({**_res("sst2", 0, 0.8), "fit": None}))
+        _write_run(tmp_path / f"run{seed}", "sst2", seed, v)
+    # `loralab eval` of an adapter: no fit, not another seed
+    (tmp_path / "eval-run").mkdir()
+    (tmp_path / "eval-run" / R.RESULT_FILE).write_text(json.dumps({**_result("sst2", 0.8), "details": {"task": "sst2",
+                                                                                                      "fit": None}}))
+    (tmp_path / "e2e-run").mkdir()  # another experiment's results.json is not a GLUE row
+    (tmp_path / "e2e-run" / R.RESULT_FILE).write_text(json.dumps({**_result("sst2", 0.8), "experiment": "e2e"}))
     results = R.collect_results(tmp_path)
     assert sorted(r["seed"] for r in results) == [0, 1, 2]
+    assert all(r["baseline"] == 0.5 and r["learned"] is True for r in results)
     md, js = R.write_glue_table(results, tmp_path / "out")
-    assert "85.0 (80.0–90.0, n=3)" in md.read_text() and "85.0" in capsys.readouterr().out
-    assert json.loads(js.read_text())["rows"][0]["tasks"]["sst2"]["n"] == 3
+    text = md.read_text()
+    assert "85.0 (80.0–90.0, n=3)" in text and "85.0" in capsys.readouterr().out
+    assert "| baseline: majority class (STS-B: constant) | 0 | 50.0 | — |" in text
+    data = json.loads(js.read_text())
+    assert data["rows"][0]["tasks"]["sst2"]["n"] == 3 and data["baseline"] == {"sst2": 50.0}
 
 
 def test_collect_from_the_run_registry(tmp_path):
-    from loralab.engine.config import load_config
     from loralab.engine.runs import create_run
 
     for seed, status in [(0, "completed"), (1, "completed"), (2, "failed")]:
-        cfg = load_config(overrides=["data.task=rte", f"train.seed={seed}", f"out_dir={tmp_path}"])
-        run = create_run(cfg)
-        (run.dir / R.RESULT_FILE).write_text(json.dumps(_res("rte", seed, 0.6 + seed / 10)))
-        run.finish({"accuracy": 0.6}) if status == "completed" else run.fail("boom")
+        run = create_run(_config("rte", seed, out_dir=tmp_path))
+        res = _result("rte", 0.6 + seed / 10)
+        run.finish(res) if status == "completed" else run.fail("boom")
+    other = create_run(_config("rte", 0, experiment="e2e", out_dir=tmp_path))  # completed, not GLUE
+    other.finish({**_result("rte", 0.9), "experiment": "e2e"})
     results = R.collect_results(tmp_path)
-    assert sorted(r["seed"] for r in results) == [0, 1]  # the failed run is left out
+    assert sorted(r["seed"] for r in results) == [0, 1]  # the failed run and the E2E run are left out
+    assert sorted(r["metrics"]["accuracy"] for r in results) == [0.6, 0.7]
 
 
-def test_seeds_runner_end_to_end(tmp_path):
-    """Two seeds of a tiny RTE run through the CLI's run machinery, then the table from the registry."""
-    from pathlib import Path
-
+def test_seeds_end_to_end_through_the_registry(tmp_path):
+    """Two seeds of a tiny RTE run (what `loralab sweep --seeds 0,1` runs, here in-process), then the
+    table from the registry: one cell, n=2, the runs' own scores and baselines."""
+    from loralab.engine.config import load_config
+    from loralab.engine.runner import run_training
     from loralab.models.tiny import tiny_model, tiny_tokenizer
 
-    if not (Path(__file__).resolve().parents[3] / "shared" / "data" / "glue" / "RTE").is_dir():
+    if not (SHARED / "RTE").is_dir():
         pytest.skip("../shared/data/glue not present")
     model_dir = tmp_path / "tiny-bert"
     tiny_model("bert", "base", seed=0).save_pretrained(model_dir, safe_serialization=True)
     tiny_tokenizer("bert").save_pretrained(model_dir)
-    overrides = [f"model.name={model_dir}", f"out_dir={tmp_path / 'runs'}", "data.task=rte", "data.train_samples=16",
-                 "data.eval_samples=8", "data.max_length=32", "train.batch_size=8", "train.max_steps=1",
-                 "train.quiet=true", "lora.r=2"]
-    results = R.run_seeds(None, [0, 1], overrides)
-    assert [r["seed"] for r in results] == [0, 1]
-    assert R.main(["table", str(tmp_path / "runs"), "--out", str(tmp_path / "table")]) == 0
+    overrides = ["experiment=glue", f"model.name={model_dir}", f"out_dir={tmp_path / 'runs'}", "data.task=rte",
+                 "data.train_samples=16", "data.eval_samples=8", "data.max_length=32", "train.batch_size=8",
+                 "train.max_steps=1", "train.quiet=true", "lora.r=2"]
+    results = [run_training(load_config(overrides=overrides + [f"train.seed={s}"]))[1] for s in (0, 1)]
+    assert [r["run"]["seed"] for r in results] == [0, 1]
+    assert R.main([str(tmp_path / "runs"), "--out", str(tmp_path / "table")]) == 0
     data = json.loads((tmp_path / "table" / "glue_table.json").read_text())
     cell = data["rows"][0]["tasks"]["rte"]
     assert cell["n"] == 2 and cell["seeds"] == [0, 1]
     assert cell["values"] == [100 * r["score"] for r in results]
+    assert cell["learned"] == sum(bool(r["learned"]) for r in results)
+    assert cell["baseline"] == sorted(100 * r["baseline"]["score"] for r in results)[1]
+    assert cell["settings"]["r"] == 2 and cell["settings"]["train_samples"] == 16
+
+
+def test_cells_at_the_baseline_are_marked_failed():
+    rows = [{**_res("rte", s, v), "baseline": 0.5, "learned": ok} for s, v, ok in [(0, 0.70, True), (1, 0.52, False)]]
+    rows += [{**_res("stsb", 0, 0.85), "baseline": 0.0, "learned": True}]
+    markdown, data = R.glue_table(rows)
+    assert "| minilm-l6 / lora | 1,234 | 61.0 (52.0–70.0, n=2) ✗ at baseline (1/2) | 85.0 | 73.0 |" in markdown
+    assert "| baseline: majority class (STS-B: constant) | 0 | 50.0 | 0.0 | — |" in markdown
+    assert data["baseline"] == {"rte": 50.0, "stsb": 0.0}
+    assert "| RTE | lora | 1 | 52.0 | 50.0 | NO | 1,234 |" in markdown and "| RTE | lora | 0 | 70.0 | 50.0 | yes |" in markdown
 
 
 def test_runs_with_different_settings_are_not_pooled():
@@ -120,15 +183,14 @@ def test_per_run_lines_state_time_and_throughput(tmp_path, capsys):
     a["run_dir"] = str(tmp_path / "20261128-rte-abc")
     b = _res("sst2", 0, 0.8, method="full")
     markdown, _ = R.glue_table([a, b])
-    assert "| SST-2 | full | 0 | 80.0 | 1,234 | ? | ? | ? |" in markdown  # sorted in paper order
-    assert "| RTE | lora | 0 | 61.0 | 1,234 | 123 | 4,568 | 20261128-rte-abc |" in markdown
-    # and through the CLI: `loralab glue-table RUNS_DIR` finds glue_result.json files and writes both files
+    assert "| SST-2 | full | 0 | 80.0 | — | — | 1,234 | ? | ? | ? |" in markdown  # sorted in paper order
+    assert "| RTE | lora | 0 | 61.0 | — | — | 1,234 | 123 | 4,568 | 20261128-rte-abc |" in markdown
+    assert markdown.index("| SST-2 | full |") < markdown.index("| RTE | lora |")  # given RTE first
+    # and through the CLI: `loralab glue-table RUNS_DIR` finds results.json files and writes both files
     from loralab.cli import main
 
-    run = tmp_path / "runs" / "one"
-    run.mkdir(parents=True)
-    (run / R.RESULT_FILE).write_text(json.dumps(a))
+    _write_run(tmp_path / "runs" / "one", "rte", 0, 0.61, fit={"train_seconds": 123.4, "tokens_per_second": 4567.8})
     assert main(["glue-table", str(tmp_path / "runs")]) == 0
-    assert "| RTE | lora | 0 | 61.0 |" in capsys.readouterr().out
+    assert "| RTE | lora | 0 | 61.0 | 50.0 | yes | 1,234 | 123 | 4,568 | one |" in capsys.readouterr().out
     assert (tmp_path / "runs" / "glue_table.md").exists() and (tmp_path / "runs" / "glue_table.json").exists()
     assert main(["glue-table", str(tmp_path / "nothing")]) == 2
