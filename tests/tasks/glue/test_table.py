@@ -161,7 +161,8 @@ def test_cells_at_the_baseline_are_marked_failed():
     assert "| minilm-l6 / lora | 1,234 | 61.0 (52.0–70.0, n=2) ✗ at baseline (1/2) | 85.0 | 73.0 |" in markdown
     assert "| baseline: majority class (STS-B: constant) | 0 | 50.0 | 0.0 | — |" in markdown
     assert data["baseline"] == {"rte": 50.0, "stsb": 0.0}
-    assert "| RTE | lora | 1 | 52.0 | 50.0 | NO | 1,234 |" in markdown and "| RTE | lora | 0 | 70.0 | 50.0 | yes |" in markdown
+    assert "| RTE | lora | 1 | 52.0 | 50.0 | NO | 1,234 |" in markdown
+    assert "| RTE | lora | 0 | 70.0 | 50.0 | yes |" in markdown
 
 
 def test_runs_with_different_settings_are_not_pooled():
