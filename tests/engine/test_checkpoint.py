@@ -5,8 +5,8 @@ checkpoint; dead writers' leftovers are cleaned; metrics.jsonl does not repeat s
 from __future__ import annotations
 
 import errno
-import os
 import json
+import os
 import shutil
 import subprocess
 import sys
