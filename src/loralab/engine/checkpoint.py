@@ -232,6 +232,14 @@ def find_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     return chosen, notes
 
 
+def remove_checkpoints_after(root: Path, step: int) -> list[Path]:
+    """Delete the checkpoints newer than ``step`` (a resume that fell back past them rewrites them)."""
+    removed = [p for p in Path(root).glob("checkpoint-*") if (checkpoint_step(p) or -1) > step]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (see ``find_checkpoint``), or None."""
     return find_checkpoint(root)[0]

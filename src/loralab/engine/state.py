@@ -51,6 +51,20 @@ class TrainState:
         """Where the run is: equal positions mean an identical checkpoint."""
         return self.step, self.epoch, self.batch_in_epoch, len(self.history)
 
+    def record_evaluation(self, metrics: dict[str, float], metric: str | None, greater_is_better: bool) -> bool:
+        """Append to the history, update best and bad_evals; True when this evaluation is the new best."""
+        self.history.append({"step": self.step, **metrics})
+        if metric is None:
+            return False
+        if metric not in metrics:
+            raise KeyError(f"task metric {metric!r} not in evaluate() result {sorted(metrics)}")
+        value, best = metrics[metric], self.best_metric
+        if best is None or (value > best if greater_is_better else value < best):
+            self.best_metric, self.best_step, self.bad_evals = value, self.step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
     def observe_loss(self, loss: float) -> bool:
         """Apply the divergence rule to one step's loss; True on the step the run is found diverged."""
         if self.first_loss is None and math.isfinite(loss):

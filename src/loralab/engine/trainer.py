@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,8 @@ import torch
 from torch import nn
 
 from loralab.engine import distributed as ddp
-from loralab.engine.checkpoint import (checkpoint_step, clean_stale, find_checkpoint, latest_checkpoint,
-                                       load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from loralab.engine.checkpoint import (clean_stale, find_checkpoint, latest_checkpoint, load_checkpoint,
+                                       remove_checkpoints_after, rng_state, save_checkpoint, set_rng_state)
 from loralab.engine.loop_utils import (StopFlag, autocast_for, build_optimizer_for, epoch_order, evaluate_model,
                                        load_trainable, micro_batches, set_seed, snapshot_trainable)
 from loralab.engine.progress import ProgressLogger, truncate_metrics
@@ -152,10 +151,9 @@ def _resume(loop: _Loop, resume: bool | str | Path) -> TrainState:
         loop.log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     ddp.barrier()  # every rank has chosen before rank 0 removes anything
     if ddp.is_main() and root is not None:
-        if isinstance(resume, bool):  # newer dirs were all rejected: they are rewritten as training goes
-            for p in root.glob("checkpoint-*"):
-                if (checkpoint_step(p) or 0) > state.step:
-                    shutil.rmtree(p, ignore_errors=True)
+        if isinstance(resume, bool):  # newer ones were all rejected; they are rewritten as training goes
+            for p in remove_checkpoints_after(root, state.step):
+                loop.log(f"resume: removed the damaged {p.name}")
         clean_stale(root)
         truncate_metrics(loop.run_dir / "metrics.jsonl", state.step)
     return state
@@ -251,18 +249,8 @@ def _evaluate_and_select(loop: _Loop, state: TrainState) -> bool:
             f"evaluation at step {state.step} returned non-finite {broken}: the model's outputs are broken "
             f"(NaN/Inf), so this is no score. Check train/loss in metrics.jsonl; lower train.lr or set "
             f"train.max_grad_norm. Last checkpoint: {latest_checkpoint(loop.ckpt_root) if loop.ckpt_root else None}")
-    state.history.append({"step": state.step, **metrics})
-    if task.metric is None:
-        return False
-    if task.metric not in metrics:
-        raise KeyError(f"task metric {task.metric!r} not in evaluate() result {sorted(metrics)}")
-    value, best = metrics[task.metric], state.best_metric
-    if best is None or (value > best if task.greater_is_better else value < best):
-        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-        if cfg.keep_best:
-            state.best_weights = snapshot_trainable(loop.model)
-    else:
-        state.bad_evals += 1
+    if state.record_evaluation(metrics, task.metric, task.greater_is_better) and cfg.keep_best:
+        state.best_weights = snapshot_trainable(loop.model)
     return cfg.early_stopping_patience > 0 and state.bad_evals >= cfg.early_stopping_patience
 
 
