@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy import ToyTrainConfig, toy_model, toy_task  # noqa: E402
@@ -117,15 +118,26 @@ def test_all_damaged_is_an_error_and_no_checkpoint_starts_over(tmp_path, full):
     assert all(torch.equal(full[n], w) for n, w in _train(fresh, resume=True).items())
 
 
-def test_disk_full_fails_loudly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    real_save = checkpoint.torch.save
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_disk_full_fails_loudly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, writer):
+    if writer == "torch.save":
+        real_save = checkpoint.torch.save
 
-    def save(obj, path, *a, **kw):
-        if "checkpoint-6" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *a, **kw)
+        def save(obj, path, *a, **kw):
+            if "checkpoint-6" in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(obj, path, *a, **kw)
 
-    monkeypatch.setattr(checkpoint.torch, "save", save)
+        monkeypatch.setattr(checkpoint.torch, "save", save)
+    else:  # safetensors raises its own error type for I/O failures
+        real_save_file = checkpoint.save_file
+
+        def save_file(tensors, path, *a, **kw):
+            if "checkpoint-6" in str(path):
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real_save_file(tensors, path, *a, **kw)
+
+        monkeypatch.setattr(checkpoint, "save_file", save_file)
     run = tmp_path / "run"
     with pytest.raises(CheckpointWriteError, match=r"checkpoint-6 in .*run.*No space left.*checkpoint-3.* intact") as e:
         _train(run)

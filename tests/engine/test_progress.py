@@ -87,3 +87,19 @@ def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
     assert truncate_metrics(path, 5) == 3
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
     assert truncate_metrics(path, 5) == 0 and truncate_metrics(tmp_path / "absent.jsonl", 0) == 0
+
+
+def test_fit_with_progress_to_a_non_terminal_writes_plain_lines(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from toy import ToyTrainConfig, toy_model, toy_task
+
+    from loralab.engine.trainer import fit
+
+    fit(toy_model(), toy_task(), ToyTrainConfig(quiet=False), log=lambda *_: None)
+    err = capsys.readouterr().err  # pytest's capture is not a terminal
+    assert "\r" not in err
+    lines = [l for l in err.splitlines() if l.startswith("train:")]
+    assert len(lines) == 10 and lines[-1].startswith("train: 24/24 steps (100%)"), err

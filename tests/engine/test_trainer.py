@@ -22,7 +22,7 @@ from toy import ToyTrainConfig, toy_model, toy_task  # noqa: E402
 from loralab.engine.checkpoint import latest_checkpoint  # noqa: E402
 from loralab.engine.loop_utils import param_groups  # noqa: E402
 from loralab.engine.schedule import lr_factor  # noqa: E402
-from loralab.engine.trainer import NonFiniteLossError, NonFiniteMetricError, epoch_order, fit  # noqa: E402
+from loralab.engine.trainer import NonFiniteLossError, NonFiniteMetricError, TrainState, epoch_order, fit  # noqa: E402
 
 TOY = str(Path(__file__).parent / "toy.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -272,3 +272,18 @@ def test_tensorboard_logging_mirrors_metrics(tmp_path):
     jsonl = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx([r["train/loss"] for r in jsonl if "train/loss" in r], rel=1e-6)
     assert [e.step for e in acc.Scalars("eval/mse")] == [3, 6] and res.global_step == 6
+
+
+def test_train_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    state = TrainState(step=7, epoch=1, batch_in_epoch=3, bad_evals=1, best_metric=0.9, best_step=4,
+                       history=[{"step": 4, "score": 0.9}, {"step": 6, "score": float("nan")}], train_tokens=56,
+                       train_seconds=1.5, skipped_steps=2, first_loss=3.0, high_loss_steps=1,
+                       best_weights={"w": torch.ones(2)})
+    saved = state.to_checkpoint()
+    assert "best_weights" not in saved  # stored as safetensors beside state.pt
+    torch.save({"optimizer": {}, **saved}, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    back = TrainState.from_checkpoint({**loaded, "best_weights": {"w": torch.ones(2)}})
+    assert back.to_checkpoint().keys() == saved.keys() and back.history[0] == {"step": 4, "score": 0.9}
+    assert (back.step, back.best_step, back.first_loss, back.skipped_steps) == (7, 4, 3.0, 2)
+    assert torch.equal(back.best_weights["w"], torch.ones(2))

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -168,12 +169,14 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict[str, An
         _fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
         _write_atomic(root / LATEST, json.dumps({"step": step, "dir": final.name}).encode())
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors (disk full) as its own type
         shutil.rmtree(tmp, ignore_errors=True)
+        code = getattr(e, "errno", None) or next(map(int, re.findall(r"os error (\d+)", str(e))), None)
         previous = latest_checkpoint(root)
         raise CheckpointWriteError(
-            e.errno, f"could not write checkpoint {final.name} in {root}: {e.strerror or e}. The previous "
-            f"checkpoint ({previous or 'none'}) is intact; free disk space and resume with --resume") from e
+            code, f"could not write checkpoint {final.name} in {root}: {getattr(e, 'strerror', None) or e}. "
+            f"The previous checkpoint ({previous or 'none'}) is intact; free disk space and resume with --resume"
+        ) from e
     ckpts = sorted((p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
     for old_ckpt in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old_ckpt, ignore_errors=True)
