@@ -5,9 +5,8 @@ A checkpoint is a directory ``checkpoint-<step>/`` holding
 - ``trainable.safetensors``  every parameter with requires_grad (adapter, heads, biases),
 - ``state.pt``               optimizer, scheduler, RNG states and the data position (tensors, dicts,
                              lists and numbers only, read back with ``torch.load(weights_only=True)``,
-                             so loading never unpickles arbitrary objects).
-
-- ``best.safetensors``     the kept-best weights (keep_best runs, once a best evaluation exists),
+                             so loading never unpickles arbitrary objects), and the TrainState,
+- ``best.safetensors``       the kept-best weights (keep_best runs, once a best evaluation exists),
 - ``manifest.json``          size and sha256 of each file above, written last.
 
 Writing goes to ``.tmp-checkpoint-<step>-<pid>/`` first, each file fsynced, the manifest last, then the
@@ -15,7 +14,7 @@ directory is renamed into place and the ``latest`` pointer file is replaced atom
 moment leaves the previous good checkpoint intact. Reading trusts no pointer: ``find_checkpoint`` takes
 the newest checkpoint whose files match its manifest and says why newer ones were rejected (deleted,
 truncated, half-written), so a damaged latest checkpoint falls back to the one before it. Leftovers of
-dead writers (``.tmp-*``) are removed at the next save.
+dead writers (``.tmp-*``) are removed at the next save or resume.
 """
 
 from __future__ import annotations
@@ -197,12 +196,15 @@ def verify_checkpoint(path: Path) -> str | None:
         return f"{MANIFEST} unreadable ({type(e).__name__})"
     for name, want in files.items():
         f = path / name
-        if not f.is_file():
+        try:
+            if f.stat().st_size != want["bytes"]:
+                return f"{name} is {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+            if _sha256(f) != want["sha256"]:
+                return f"{name} checksum differs from the manifest"
+        except FileNotFoundError:
             return f"{name} missing"
-        if f.stat().st_size != want["bytes"]:
-            return f"{name} is {f.stat().st_size} bytes, the manifest says {want['bytes']}"
-        if _sha256(f) != want["sha256"]:
-            return f"{name} checksum differs from the manifest"
+        except OSError as e:
+            return f"{name} unreadable ({e.strerror or e})"
     return None
 
 
