@@ -6,8 +6,9 @@
         one optimizer step on the next global batch of epoch_order(seed, epoch):
             for each of grad_accum micro-batches: loss = task.loss(model, batch) * share; loss.backward()
             clip(grad, max_grad_norm); optimizer.step(); scheduler.step(); zero_grad()
+            (non-finite loss: stop, or skip the step; a diverging loss is warned about and flagged)
         every eval_every steps, each epoch end and the last step: metrics = task.evaluate(model)
-            -> history, keep-best, early stopping
+            (non-finite: an error) -> history, keep-best, early stopping
         every save_every steps, each epoch end, the last step, an early stop: atomic checkpoint
             (weights + optimizer + scheduler + RNG + TrainState)
     load the kept-best weights; final_metrics = the history entry of the best (else the last) evaluation
