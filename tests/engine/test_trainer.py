@@ -1,4 +1,5 @@
-"""The training loop: exact resume after SIGKILL, Ctrl-C, accumulation, schedules, NaN handling,
+"""The training loop: exact resume after SIGKILL, Ctrl-C and SIGTERM (real processes), keep-best runs
+resumed after their best step, accumulation, schedules, NaN losses and evaluations, divergence,
 keep-best and early stopping, length grouping, weight-decay groups."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from toy import ToyTrainConfig, toy_model, toy_task  # noqa: E402
 from loralab.engine.checkpoint import latest_checkpoint  # noqa: E402
 from loralab.engine.loop_utils import param_groups  # noqa: E402
 from loralab.engine.schedule import lr_factor  # noqa: E402
-from loralab.engine.trainer import NonFiniteLossError, epoch_order, fit  # noqa: E402
+from loralab.engine.trainer import NonFiniteLossError, NonFiniteMetricError, TrainState, epoch_order, fit  # noqa: E402
 
 TOY = str(Path(__file__).parent / "toy.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -32,32 +33,102 @@ def _run_toy(tmp: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=ENV, timeout=120)
 
 
-def test_sigkill_then_resume_gives_identical_weights(tmp_path):
-    full = _run_toy(tmp_path, "full")
-    assert full.returncode == 0, full.stderr
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)  # bit-for-bit, not approximately
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """The uninterrupted toy run's final weights (checkpoints don't touch the RNG: any save_every)."""
+    tmp = tmp_path_factory.mktemp("full")
+    full = _run_toy(tmp, "full")
+    assert full.returncode == 0 and "STATUS completed 24" in full.stdout, full.stderr
+    return tmp / "full.st"
+
+
+def test_sigkill_then_resume_gives_identical_weights(tmp_path, full_run):
     # 64 examples / batch 8 = 8 steps per epoch, 24 steps; checkpoints every 3 steps. Die inside step 11.
     killed = _run_toy(tmp_path, "crash", "--kill-after-loss-calls", "11")
     assert killed.returncode == -9, killed.stderr
     assert latest_checkpoint(tmp_path / "crash" / "checkpoints").name == "checkpoint-9"
     resumed = _run_toy(tmp_path, "crash", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = load_file(str(tmp_path / "full.st")), load_file(str(tmp_path / "crash.st"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k  # bit-for-bit, not approximately
+    assert _same_weights(full_run, tmp_path / "crash.st")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
-    full = _run_toy(tmp_path, "full", "--save-every", "0")
-    stopped = _run_toy(tmp_path, "int", "--save-every", "0", "--sigint-after-loss-calls", "5")
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_matches(tmp_path, full_run, sig):
+    stopped = _run_toy(tmp_path, "int", "--save-every", "0", "--signal", sig, "--signal-at", "5")
     assert stopped.returncode == 0, stopped.stderr
-    assert "STATUS interrupted 5" in stopped.stdout
+    assert "STATUS interrupted 5" in stopped.stdout and f"interrupted (SIG{sig}) at step 5" in stopped.stdout
     assert latest_checkpoint(tmp_path / "int" / "checkpoints").name == "checkpoint-5"
     resumed = _run_toy(tmp_path, "int", "--save-every", "0", "--resume")
     assert "STATUS completed 24" in resumed.stdout, resumed.stderr
-    a, b = load_file(str(tmp_path / "full.st")), load_file(str(tmp_path / "int.st"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert full.returncode == 0
+    assert _same_weights(full_run, tmp_path / "int.st")
+
+
+def test_sigterm_before_the_first_step_still_writes_a_checkpoint_to_resume_from(tmp_path, full_run):
+    stopped = _run_toy(tmp_path, "early", "--signal", "TERM", "--signal-at", "setup")
+    assert stopped.returncode == 0, stopped.stderr  # before: killed by the signal, nothing to resume
+    assert "STATUS interrupted 0" in stopped.stdout and "resume with --resume" in stopped.stdout
+    assert latest_checkpoint(tmp_path / "early" / "checkpoints").name == "checkpoint-0"
+    resumed = _run_toy(tmp_path, "early", "--resume")
+    assert "STATUS completed 24" in resumed.stdout, resumed.stderr
+    assert _same_weights(full_run, tmp_path / "early.st")
+
+
+SCORES = "4:0.5,8:0.9,12:0.7,16:0.6,20:0.65,24:0.8,28:0.5,32:0.85"  # best at step 8
+
+
+def test_keep_best_run_resumed_after_its_best_step_finishes_identically(tmp_path):
+    keep = ["--scores", SCORES, "--eval-every", "4"]
+    full = _run_toy(tmp_path, "full", *keep)
+    assert "STATUS completed 24" in full.stdout, full.stderr
+    killed = _run_toy(tmp_path, "crash", *keep, "--kill-after-loss-calls", "14")  # the best (8) is in this process
+    assert killed.returncode == -9 and latest_checkpoint(tmp_path / "crash" / "checkpoints").name == "checkpoint-12"
+    resumed = _run_toy(tmp_path, "crash", *keep, "--resume")
+    assert "STATUS completed 24" in resumed.stdout, resumed.stderr  # before: StopIteration, rc 1
+    assert _same_weights(tmp_path / "full.st", tmp_path / "crash.st")
+    fit_json = json.loads((tmp_path / "crash" / "fit.json").read_text())
+    assert fit_json["best_step"] == 8 and fit_json["final_metrics"] == {"score": 0.9}
+    again = _run_toy(tmp_path, "crash", *keep, "--resume")  # resuming a completed run keeps it completed
+    assert "STATUS completed 24" in again.stdout, again.stderr
+    assert _same_weights(tmp_path / "full.st", tmp_path / "crash.st")
+    longer = _run_toy(tmp_path, "crash", *keep, "--resume", "--epochs", "4")  # extend it by an epoch
+    assert "STATUS completed 32" in longer.stdout, longer.stderr
+    assert _same_weights(tmp_path / "full.st", tmp_path / "crash.st")  # step 8 is still the best
+    steps = [json.loads(l)["step"] for l in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in l]
+    assert steps == list(range(1, 33))
+
+
+def test_resuming_an_early_stopped_run_stays_stopped(tmp_path):
+    cfg = ToyTrainConfig(eval_every=2, early_stopping_patience=2, max_steps=40)
+    first = fit(toy_model(), toy_task(eval_values=[0.5, 0.9, 0.7, 0.6]), cfg, run_dir=tmp_path, log=lambda *a: None)
+    assert first.status == "early_stopped" and first.global_step == 8
+    model = toy_model()
+    again = fit(model, toy_task(eval_values=[0.0]), cfg, run_dir=tmp_path, resume=True, log=lambda *a: None)
+    assert again.status == "early_stopped" and again.global_step == 8 and again.final_metrics == {"score": 0.9}
+
+
+def test_non_finite_evaluation_is_an_error(tmp_path):
+    task = toy_task()
+    task.evaluate = lambda m: {"mse": 0.5, "eval_loss": float("nan")}
+    with pytest.raises(NonFiniteMetricError, match=r"step 8 returned non-finite \{'eval_loss': nan\}"):
+        fit(toy_model(), task, ToyTrainConfig(nan_policy="skip"), run_dir=tmp_path, log=lambda *a: None)
+    assert not (tmp_path / "fit.json").exists()
+
+
+def test_divergence_is_flagged_and_warned(tmp_path):
+    lines: list[str] = []
+    res = fit(toy_model(), toy_task(), ToyTrainConfig(lr=10.0, warmup_ratio=0.0, max_grad_norm=0.0, keep_best=False),
+              run_dir=tmp_path, log=lines.append)
+    assert res.diverged and res.status == "completed"
+    assert any(l.startswith("WARNING: training diverged") for l in lines), lines
+    assert json.loads((tmp_path / "fit.json").read_text())["diverged"] is True
+    calm = fit(toy_model(), toy_task(), ToyTrainConfig(), log=lambda *a: None)
+    assert not calm.diverged
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -201,3 +272,18 @@ def test_tensorboard_logging_mirrors_metrics(tmp_path):
     jsonl = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx([r["train/loss"] for r in jsonl if "train/loss" in r], rel=1e-6)
     assert [e.step for e in acc.Scalars("eval/mse")] == [3, 6] and res.global_step == 6
+
+
+def test_train_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    state = TrainState(step=7, epoch=1, batch_in_epoch=3, bad_evals=1, best_metric=0.9, best_step=4,
+                       history=[{"step": 4, "score": 0.9}, {"step": 6, "score": float("nan")}], train_tokens=56,
+                       train_seconds=1.5, skipped_steps=2, first_loss=3.0, high_loss_steps=1,
+                       best_weights={"w": torch.ones(2)})
+    saved = state.to_checkpoint()
+    assert "best_weights" not in saved  # stored as safetensors beside state.pt
+    torch.save({"optimizer": {}, **saved}, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    back = TrainState.from_checkpoint({**loaded, "best_weights": {"w": torch.ones(2)}})
+    assert back.to_checkpoint().keys() == saved.keys() and back.history[0] == {"step": 4, "score": 0.9}
+    assert (back.step, back.best_step, back.first_loss, back.skipped_steps) == (7, 4, 3.0, 2)
+    assert torch.equal(back.best_weights["w"], torch.ones(2))

@@ -1,18 +1,18 @@
-"""The training loop's helpers: seeding, the optimizer with its no-decay group, progress and metric logs."""
+"""The training loop's helpers: seeding, the optimizer with its no-decay group, the data order, the
+stop signal (Ctrl-C / SIGTERM), autocast, and copying trainable weights."""
 
 from __future__ import annotations
 
-import json
-import os
+import math
 import random
-import sys
-import time
-from pathlib import Path
+import signal
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from loralab.engine import distributed as ddp
 
 
 def set_seed(seed: int) -> None:
@@ -49,59 +49,84 @@ def build_optimizer_for(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     return build_optimizer(model, name, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, eps=eps)
 
 
-class ProgressLogger:
-    """A tqdm bar (loss, lr, tokens/s, ETA) or, in quiet mode, a log line every ``log_every`` steps;
-    every step is appended to ``metrics.jsonl``; optionally mirrored to TensorBoard."""
+def epoch_order(n: int, seed: int, epoch: int, batch_size: int, lengths: list[int] | None) -> list[list[int]]:
+    """Global batches of example indices for one epoch, a pure function of its arguments.
 
-    def __init__(self, total: int, run_dir: Path | None, quiet: bool = False, tensorboard: bool = False,
-                 log: Any = print, initial: int = 0, log_every: int = 10) -> None:
-        self.total, self.quiet, self.log, self.log_every = total, quiet, log, log_every
-        self.metrics_file = open(Path(run_dir) / "metrics.jsonl", "a") if run_dir else None
-        self.bar = None
-        if not quiet:
-            from tqdm.auto import tqdm
+    With ``lengths``, examples are sorted by length inside mega-batches of 50 batches and the batches
+    are shuffled, so each batch holds similar lengths (little padding) while the order stays random.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    if lengths is not None:
+        mega = batch_size * 50
+        perm = [i for s in range(0, n, mega) for i in sorted(perm[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [perm[s:s + batch_size] for s in range(0, n, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr)
-        self.tb = None
-        if tensorboard and run_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("train.tensorboard=true needs TensorBoard: pip install tensorboard") from e
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
-    def _write(self, record: dict[str, Any]) -> None:
-        if self.metrics_file:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
-        if self.tb:
-            for k, v in record.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+def micro_batches(global_batch: list[int], grad_accum: int) -> list[list[int]]:
+    k = math.ceil(len(global_batch) / grad_accum)
+    return [global_batch[s:s + k] for s in range(0, len(global_batch), k)]
 
-    def step(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
-        tps = tokens / seconds if seconds > 0 else 0.0
-        self._write({"step": step, "time": time.time(), "train/loss": loss, "train/lr": lr,
-                     "train/tokens_per_s": tps})
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-            self.bar.update(1)
-        elif self.quiet and self.log_every and step % self.log_every == 0 and os.environ.get("RANK", "0") == "0":
-            self.log(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} tok/s {tps:,.0f}")
 
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._write({"step": step, "time": time.time(), **metrics})
-        text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        if self.bar is not None:
-            self.bar.write(f"step {step}: {text}")
-        elif os.environ.get("RANK", "0") == "0":
-            self.log(f"step {step}: {text}")
+class StopFlag:
+    """The first Ctrl-C or SIGTERM asks the loop to checkpoint and stop at the next step boundary; a
+    second one aborts at once (KeyboardInterrupt). Outside the main thread signals stay as they are."""
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.metrics_file:
-            self.metrics_file.close()
-        if self.tb:
-            self.tb.close()
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None  # the signal's name
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not in the main thread
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without a checkpoint")
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def autocast_for(cfg: Any, device: torch.device) -> torch.autocast:
+    if not getattr(cfg, "bf16", False):
+        return torch.autocast(device.type, enabled=False)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("train.bf16=true but this GPU has no bf16 support; set train.bf16=false")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every trainable parameter (the kept-best weights; off the GPU on purpose)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+def evaluate_model(model: nn.Module, task: Any) -> dict[str, float]:
+    """``task.evaluate`` in eval mode without gradients (the unwrapped model); {} without one."""
+    if task.evaluate is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return {k: float(v) for k, v in task.evaluate(ddp.unwrap(model)).items()}
+    finally:
+        model.train(was_training)

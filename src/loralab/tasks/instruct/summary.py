@@ -105,7 +105,7 @@ def format_summary(cfg: Any, result: dict, memory_table: str, trainable: str,
     title = f" {('QLoRA' if m.quantize != 'none' else 'LoRA')} fine-tuning: {m.name} on {cfg.data.task} "
     lines = [f"{title:=^{WIDTH}}",
              f"base model     {m.name}: {quant}; gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}",
-             f"adapter        {lo.method} r={lo.r} alpha={lo.alpha:g} on {lo.target_modules}"
+             f"adapter        {lo.method} r={lo.r} alpha={lo.lora_alpha:g} on {lo.target_modules}"
              + (f" except {lo.exclude_modules}" if lo.exclude_modules else "") + f"; {trainable}"]
     d = result.get("train_data") or {}
     if d:

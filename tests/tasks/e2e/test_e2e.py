@@ -1,4 +1,5 @@
-"""E2E task: data encoding and masking, the label-smoothed completion loss, decoding, grouping, wiring."""
+"""E2E experiment: data encoding and masking, the label-smoothed completion loss, decoding, grouping,
+the un-adapted-model baseline, and build -> baseline -> fit -> report wiring."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ import pytest
 import torch
 
 from loralab.engine.config import load_config
+from loralab.engine.experiment import get_experiment
 from loralab.models.tiny import tiny_model, tiny_tokenizer
-from loralab.tasks import e2e, e2e_data, e2e_generate
-from loralab.tasks.e2e_data import IGNORE, SEPARATOR
+from loralab.tasks.common.batches import IGNORE, make_collate
+from loralab.tasks.common.causal_lm import mean_token_loss
+from loralab.tasks.common.setup import apply_method
+from loralab.tasks.e2e import data as e2e_data
+from loralab.tasks.e2e import experiment as e2e
+from loralab.tasks.e2e import generate as e2e_generate
+from loralab.tasks.e2e.data import SEPARATOR
+
+EXP = e2e.EXPERIMENT
 
 
 def _chars(tok, text):
@@ -32,7 +41,7 @@ def test_labels_mask_prompt_and_padding_keep_reference_and_eos(arch):
     assert ex["input_ids"] == prompt + completion
     assert ex["labels"] == [IGNORE] * len(prompt) + completion
     short = e2e_data.encode_example(tok, "name[A]", "A.", max_length=128)
-    batch = e2e_data.make_collate(tok.pad_token_id)([ex, short])
+    batch = make_collate(tok.pad_token_id)([ex, short])
     n = len(short["input_ids"])
     pad = len(ex["input_ids"]) - n
     assert batch["input_ids"][1].tolist() == short["input_ids"] + [tok.pad_token_id] * pad
@@ -60,9 +69,9 @@ def test_label_smoothed_completion_loss_matches_explicit_formula():
     tok = tiny_tokenizer("gpt2")
     model = tiny_model("gpt2", "causal_lm", seed=1)
     rows = [("name[A], food[Thai]", "A serves Thai food."), ("name[B]", "B.")]
-    batch = e2e_data.make_collate(tok.pad_token_id)(e2e_data.encode_rows(tok, rows, 128))
+    batch = make_collate(tok.pad_token_id)(e2e_data.encode_rows(tok, rows, 128))
     eps = 0.1
-    got = e2e_data.completion_loss(model, batch, label_smoothing=eps).detach()
+    got = mean_token_loss(model, batch, label_smoothing=eps).detach()
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     terms = []
@@ -91,7 +100,7 @@ def test_loss_ignores_padding_and_reads_task_label_smoothing():
     assert both == pytest.approx(sum(s * c for s, c in zip(singles, counts)) / sum(counts), rel=1e-5)
     spec.label_smoothing = 0.1
     smoothed = spec.loss(model, collate(spec.train_dataset)).item()
-    assert smoothed == pytest.approx(e2e_data.completion_loss(model, collate(spec.train_dataset), 0.1).item())
+    assert smoothed == pytest.approx(mean_token_loss(model, collate(spec.train_dataset), 0.1).item())
     assert smoothed != pytest.approx(both)
     assert spec.metric is None and spec.evaluate(model)["eval_loss"] == pytest.approx(both, rel=1e-5)
 
@@ -111,7 +120,7 @@ def test_decoding_settings_left_padding_and_order(monkeypatch):
     calls = []
     eos = tok.eos_token_id
 
-    def fake_generate(input_ids, attention_mask, generation_config):
+    def fake_generate(input_ids, attention_mask, generation_config, stopping_criteria=None):
         calls.append((input_ids.clone(), attention_mask.clone(), generation_config))
         new = torch.tensor([_chars(tok, f" out{i}") + [eos] + _chars(tok, "junk") for i in range(len(input_ids))])
         return torch.cat([input_ids, new[:, : new.size(1)]], dim=1)
@@ -194,8 +203,7 @@ def test_csv_edge_cases(tmp_path):
     wrong.write_text("input,output\na,b\n", encoding="utf-8")
     with pytest.raises(e2e_data.E2EDataError, match="'mr' and 'ref'"):
         e2e_data.load_rows(wrong)
-    assert e2e_data.subsample(list(range(10)), 3, seed=0) == e2e_data.subsample(list(range(10)), 3, seed=0)
-    assert len(set(e2e_data.subsample(list(range(10)), 3, seed=0))) == 3
+    # (the seeded subsample of data.train_samples: tests/tasks/common/test_sampling.py)
 
 
 def test_shared_data_grouping_counts():
@@ -224,26 +232,24 @@ def test_lora_targets_per_architecture():
 
     section = load_config(overrides=["experiment=e2e"]).lora  # default targets ["query", "value"]
     gpt2 = tiny_model("gpt2", "causal_lm")
-    cfg = e2e.lora_config_for(gpt2, section)
-    assert cfg.target_modules is None and cfg.fused_qkv == {"c_attn": [True, False, True]}
-    from loralab.core.inject import inject_adapter
-
-    inject_adapter(gpt2, cfg)
+    info = apply_method(gpt2, section, "CAUSAL_LM")
+    assert info["target_modules"] is None and info["fused_qkv"] == {"c_attn": [True, False, True]}
     assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_modules(gpt2)}) == ["c_attn"]
     # q and v slices of 2 layers: A (r x 32) and B (32 x r) per slice, nothing else trains
     trainable = sum(p.numel() for p in gpt2.parameters() if p.requires_grad)
-    assert trainable == 2 * 2 * (cfg.r * 32 + 32 * cfg.r)
+    assert trainable == info["trainable"] == 2 * 2 * (section.r * 32 + 32 * section.r)
     llama = tiny_model("llama", "causal_lm")
-    cfg = e2e.lora_config_for(llama, section)
-    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.task_type == "CAUSAL_LM"
-    inject_adapter(llama, cfg)
+    info = apply_method(llama, section, "CAUSAL_LM", base_model_name="tiny-llama")
+    assert info["target_modules"] == ["q_proj", "v_proj"]
+    assert llama.lora_configs["default"].task_type == "CAUSAL_LM"
+    assert llama.lora_configs["default"].base_model_name_or_path == "tiny-llama"
     names = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_modules(llama)})
     assert names == ["q_proj", "v_proj"]
 
 
 def test_presets():
     paper = load_config(preset="e2e-paper")
-    assert (paper.lora.r, paper.lora.alpha, paper.lora.dropout) == (4, 32.0, 0.1)
+    assert (paper.lora.r, paper.lora.lora_alpha, paper.lora.lora_dropout) == (4, 32.0, 0.1)
     assert paper.lora.fused_qkv == {"c_attn": [True, False, True]} and paper.model.name == "gpt2-medium"
     t = paper.train
     assert (t.optimizer, t.lr, t.weight_decay, t.batch_size, t.epochs, t.warmup_steps, t.schedule,
@@ -252,47 +258,107 @@ def test_presets():
     assert (g.num_beams, g.length_penalty, g.no_repeat_ngram_size, g.max_new_tokens) == (10, 0.9, 4, 64)
     cpu = load_config(preset="e2e-cpu")
     assert cpu.model.name == "smollm2-135m" and cpu.data.train_samples > 0 and cpu.experiment == "e2e"
+    assert isinstance(cpu.data, e2e.E2EData) and EXP.sections == ("generate",) and get_experiment("e2e") is EXP
+    assert set(EXP.presets) == {"e2e-paper", "e2e-paper-smollm2", "e2e-cpu"}
 
 
-def test_build_fit_report_end_to_end(tmp_path, monkeypatch):
-    from loralab.engine.trainer import fit
-
-    data = tmp_path / "e2e.csv"
-    data.write_text("mr,ref\nname[A],A is nice.\nname[B],B is a pub.\nname[A],A is good.\n", encoding="utf-8")
-    cfg = load_config(preset="e2e-cpu", overrides=[
+def _cpu_cfg(data, *overrides):
+    return load_config(preset="e2e-cpu", overrides=[
         f"data.train_file={data}", f"data.eval_file={data}", "data.train_samples=0", "data.eval_samples=0",
-        "train.max_steps=2", "train.warmup_steps=1", "train.batch_size=2", "train.quiet=true", "generate.num_beams=2",
-        "generate.max_new_tokens=4"])
-    monkeypatch.setattr(e2e, "load_model_and_tokenizer",
-                        lambda cfg: (tiny_model("llama", "causal_lm"), tiny_tokenizer("llama")))
+        "train.max_steps=2", "train.warmup_steps=1", "train.batch_size=2", "train.quiet=true", *overrides])
+
+
+@pytest.fixture
+def tiny_zoo(monkeypatch):
+    """The zoo gives a fresh tiny Llama (seed 0) and its character tokenizer for any model name."""
+    monkeypatch.setattr("loralab.models.zoo.load_from_config",
+                        lambda model_cfg, kind="causal_lm", num_labels=None: (tiny_model("llama", "causal_lm"),
+                                                                              tiny_tokenizer("llama")))
+
+
+@pytest.fixture
+def fake_scores(monkeypatch):
+    """The official scorer stand-in: records what it scores; BLEU 0.3 on the first call, 0.5 after."""
     scored = []
 
     def fake_score(hyps, refs):
         scored.append((hyps, refs))
-        return {"BLEU": 0.5, "NIST": 4.0, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 2.0}
+        bleu = 0.3 if len(scored) == 1 else 0.5
+        return {"BLEU": bleu, "NIST": 4.0, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 2.0}
 
     monkeypatch.setattr("loralab.metrics.e2e.score", fake_score)
-    model, spec, tok = e2e.build(cfg)
-    assert len(spec.train_dataset) == 3 and model.e2e_info["trainable"] > 0
-    result = e2e.report(cfg, model, tok, tmp_path / "run", fit(model, spec, cfg.train))
-    hyps, refs = scored[0]
+    return scored
+
+
+E2E_CSV = "mr,ref\nname[A],A is nice.\nname[B],B is a pub.\nname[A],A is good.\n"
+
+
+def test_baseline_is_the_model_with_adapters_disabled(tmp_path, tiny_zoo, fake_scores):
+    """Fresh LoRA: the baseline decodes exactly what the untouched base model decodes. With a non-zero
+    adapter the baseline still decodes the base model (adapters off), and the adapter is back on after."""
+    from loralab.core.inject import lora_modules
+
+    data = tmp_path / "e2e.csv"
+    data.write_text(E2E_CSV, encoding="utf-8")
+    cfg = _cpu_cfg(data, "generate.num_beams=1", "generate.no_repeat_ngram_size=0", "generate.max_new_tokens=6")
+    built = EXP.build(cfg)
+    tok, mrs = built.state["tokenizer"], built.state["mrs"]
+    base_outputs = e2e_generate.generate_outputs(tiny_model("llama", "causal_lm"), tok, mrs, cfg.generate)
+    first = EXP.baseline(built)
+    assert fake_scores[0] == (base_outputs, [["A is nice.", "A is good."], ["B is a pub."]])
+    assert first.kind == "un-adapted model" and first.score == 0.3 and first.metrics["NIST"] == 4.0
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora_modules(built.model):
+            w = layer.lora_B["default"].weight
+            w.copy_(torch.randn(w.shape, generator=g))
+    adapted = e2e_generate.generate_outputs(built.model, tok, mrs, cfg.generate)
+    assert adapted != base_outputs  # the adapter changes what is decoded
+    EXP.baseline(built)
+    assert fake_scores[1][0] == base_outputs  # adapters off inside baseline()
+    assert e2e_generate.generate_outputs(built.model, tok, mrs, cfg.generate) == adapted  # and on again
+
+
+def test_build_fit_report_end_to_end(tmp_path, tiny_zoo, fake_scores):
+    from loralab.engine.trainer import fit
+
+    data = tmp_path / "e2e.csv"
+    data.write_text(E2E_CSV, encoding="utf-8")
+    cfg = _cpu_cfg(data, "generate.num_beams=2", "generate.max_new_tokens=4")
+    built = EXP.build(cfg)
+    model, spec = built.model, built.task
+    assert len(spec.train_dataset) == 3 and built.state["method"]["trainable"] > 0
+    built.baseline = EXP.baseline(built)
+    result = EXP.report(built, fit(model, spec, cfg.train, run_dir=tmp_path / "run"), tmp_path / "run")
+    hyps, refs = fake_scores[1]
     assert refs == [["A is nice.", "A is good."], ["B is a pub."]]
     assert (tmp_path / "run" / "hyp.txt").read_text().split("\n")[:-1] == hyps
     assert (tmp_path / "run" / "refs.txt").read_text() == "A is nice.\nA is good.\n\nB is a pub.\n"
+    assert (tmp_path / "run" / "mrs.txt").read_text() == "name[A]\nname[B]\n"
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
-    assert "| 70.4 | 8.85 | 46.8 | 71.8 | 2.53 |" in result["table"]
-    assert "| 50.0 | 4.00 | 40.0 | 60.0 | 2.00 |" in result["table"]
-    assert math.isclose(result["score"], 0.5)
+    table = result.details["table"]
+    assert "| 70.4 | 8.85 | 46.8 | 71.8 | 2.53 |" in table  # the paper's row
+    assert "| baseline: the un-adapted model | 30.0 | 4.00 | 40.0 | 60.0 | 2.00 |" in table
+    assert "| 50.0 | 4.00 | 40.0 | 60.0 | 2.00 |" in table.splitlines()[-1]  # this run
+    assert (result.experiment, result.main_metric, result.greater_is_better) == ("e2e", "BLEU", True)
+    assert math.isclose(result.score, 0.5) and result.baseline.score == 0.3
+    assert result.margin == e2e.BLEU_MARGIN and result.learned is True  # 0.5 - 0.3 > one BLEU point
+    record = result.to_dict()
+    assert record["baseline"] == {"score": 0.3, "kind": "un-adapted model",
+                                  "metrics": {"BLEU": 0.3, "NIST": 4.0, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 2.0}}
+    assert record["details"]["hyp_file"] == str(tmp_path / "run" / "hyp.txt") and record["details"]["eval_mrs"] == 2
+    assert record["params"]["trainable"] == built.state["method"]["trainable"]
 
 
 def test_methods_full_and_bitfit():
     cfg = load_config(overrides=["experiment=e2e", "lora.method=full"])
     model = tiny_model("gpt2", "causal_lm")
-    info = e2e.apply_method(model, cfg)
+    info = apply_method(model, cfg.lora, "CAUSAL_LM")
     assert info["trainable"] == info["total"] == sum(p.numel() for p in model.parameters())
     cfg = load_config(overrides=["experiment=e2e", "lora.method=bitfit"])
     gpt2 = tiny_model("gpt2", "causal_lm")
-    info = e2e.apply_method(gpt2, cfg)
+    info = apply_method(gpt2, cfg.lora, "CAUSAL_LM")
     assert info["trainable"] == sum(p.numel() for n, p in gpt2.named_parameters() if n.endswith("bias"))
-    with pytest.raises(RuntimeError, match="no parameter trains"):
-        e2e.apply_method(tiny_model("llama", "causal_lm"), cfg)  # Llama has no biases
+    assert all(n.endswith("bias") for n, p in gpt2.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="has no bias parameters to train"):
+        apply_method(tiny_model("llama", "causal_lm"), cfg.lora, "CAUSAL_LM")  # Llama has no biases

@@ -5,7 +5,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from loralab.tasks import judge as J
+from loralab.tasks.instruct import judge as J
 
 
 class FakeServer:

@@ -1,13 +1,20 @@
-"""Instruction-tuning evaluation: the adapter-present guard, held-out loss vs base, generation, GSM8K scoring."""
+"""Instruction-tuning evaluation: the adapter-present guard, the un-adapted baseline's held-out loss,
+generation, GSM8K scoring, and build -> baseline -> fit -> report end to end."""
 import copy
+import math
+import types
 
 import pytest
 import torch
 
 from loralab.core.config import LoraConfig
 from loralab.core.inject import disable_adapters, inject_adapter, lora_modules
-from loralab.tasks import instruct as I
-from loralab.tasks import instruct_eval as E
+from loralab.engine.experiment import Built, get_experiment
+from loralab.tasks.common.batches import make_collate
+from loralab.tasks.instruct import data as I
+from loralab.tasks.instruct import eval as E
+from loralab.tasks.instruct.experiment import EXPERIMENT as EXP
+from loralab.tasks.instruct.experiment import make_task
 
 from .test_instruct import CONV, _tiny_llama, tiny_tokenizer
 
@@ -21,7 +28,7 @@ def setup():
     exs = I.tokenize_all(tok, CONVS)
     base = _tiny_llama(len(tok), seed=1)
     model = inject_adapter(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    collate = I.make_collate(tok.pad_token_id)
+    collate = make_collate(tok.pad_token_id)
     return tok, exs, base, model, collate
 
 
@@ -29,7 +36,7 @@ def trained(model, exs, collate, steps=3):
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
-    task = I.make_task(exs, [], 0)
+    task = make_task(exs, 0)
     batch = collate(exs)
     model.train()
     for _ in range(steps):
@@ -88,24 +95,51 @@ def test_guard_passes_trained_adapter(setup):
     assert info["lora_layers"] == n_linear and info["max_logit_change"] > 0
 
 
-# ----------------------------------------------------------------------------- held-out loss
+# ----------------------------------------------------------------------------- held-out loss and the baseline
 
-def test_compare_heldout_loss_base_is_the_untouched_model(setup):
-    tok, exs, base, model, collate = setup
-    tuned = trained(model, exs, collate, steps=5)
-    out = E.compare_heldout_loss(tuned, exs, collate, batch_size=2)
-    with torch.no_grad():  # independent reference: the original base model, float64 log-softmax
-        total, n = 0.0, 0
+
+def _reference_loss(model, exs):
+    """Token-weighted mean of -log p over trained tokens, each example alone, float64 log-softmax."""
+    total, n = 0.0, 0
+    with torch.no_grad():
         for ex in exs:
-            logp = base(torch.tensor([ex["input_ids"]])).logits[0, :-1].double().log_softmax(-1)
+            logp = model(torch.tensor([ex["input_ids"]])).logits[0, :-1].double().log_softmax(-1)
             lab = torch.tensor(ex["labels"][1:])
             keep = lab != -100
             total -= logp[keep, lab[keep]].sum().item()
             n += int(keep.sum())
-    assert out["tokens"] == n
-    assert out["base_loss"] == pytest.approx(total / n, rel=1e-5)
-    assert out["base_ppl"] == pytest.approx(torch.tensor(total / n, dtype=torch.float64).exp().item(), rel=1e-5)
-    assert out["finetuned_loss"] < out["base_loss"]  # trained on these very examples
+    return total / n, n
+
+
+def _built(model, exs, tok):
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(quiet=True))
+    return Built(model, make_task(exs, tok.pad_token_id), {"held": exs, "eval_batch": 2, "cfg": cfg})
+
+
+def test_baseline_of_a_fresh_lora_model_is_the_untouched_model(setup):
+    tok, exs, base, model, collate = setup
+    ref, n = _reference_loss(base, exs)
+    baseline = EXP.baseline(_built(model, exs, tok))
+    assert baseline.kind == "un-adapted model" and baseline.metrics["eval_tokens"] == n
+    assert baseline.score == baseline.metrics["eval_loss"] == pytest.approx(ref, rel=1e-5)
+    assert baseline.metrics["eval_ppl"] == pytest.approx(math.exp(ref), rel=1e-5)
+    with disable_adapters(model):  # the same number as the model with its adapters off
+        assert E.scored_heldout_loss(model, exs, collate, 2)["eval_loss"] == pytest.approx(baseline.score, rel=1e-6)
+    no_lora = EXP.baseline(_built(copy.deepcopy(base), exs, tok))  # full / bitfit before training: the model
+    assert no_lora.score == pytest.approx(ref, rel=1e-5)
+
+
+def test_baseline_of_a_trained_adapter_is_still_the_base_model(setup):
+    tok, exs, base, model, collate = setup
+    tuned = trained(model, exs, collate, steps=5)
+    before = E.scored_heldout_loss(tuned, exs, collate, 2)
+    baseline = EXP.baseline(_built(tuned, exs, tok))
+    ref, _ = _reference_loss(base, exs)
+    assert baseline.score == pytest.approx(ref, rel=1e-5)  # adapters off inside baseline()
+    assert before["eval_loss"] < baseline.score  # trained on these very examples
+    assert E.scored_heldout_loss(tuned, exs, collate, 2) == before  # the adapter is on again afterwards
+    fine, n = _reference_loss(tuned, exs)
+    assert before["eval_loss"] == pytest.approx(fine, rel=1e-5) and before["eval_tokens"] == n
 
 
 # ----------------------------------------------------------------------------- generation
@@ -148,11 +182,11 @@ def test_progress_bars_count_every_step_and_change_nothing(setup, capsys):
     err = capsys.readouterr().err
     assert shown == quiet
     assert "GSM8K (fine-tuned)" in err and "12/12" in err  # 2 batches x 6 steps, counted to the end
-    loss = E.compare_heldout_loss(tuned, exs, collate, batch_size=2, progress=True)
+    loss = E.scored_heldout_loss(tuned, exs, collate, batch_size=2, progress=True)
     err = capsys.readouterr().err
-    steps = 2 * -(-len(exs) // 2)  # batches of 2, fine-tuned then base
+    steps = -(-len(exs) // 2)  # batches of 2
     assert "held-out loss" in err and f"{steps}/{steps}" in err
-    assert loss == E.compare_heldout_loss(tuned, exs, collate, batch_size=2)
+    assert loss == E.scored_heldout_loss(tuned, exs, collate, batch_size=2)
 
 
 def test_side_by_side_base_column_is_the_base_model(setup):
@@ -205,8 +239,9 @@ def test_gsm8k_exact_match_scoring(monkeypatch):
 # ----------------------------------------------------------------------------- build -> fit -> report
 
 def test_build_fit_report_end_to_end(tmp_path, monkeypatch):
-    """A tiny Llama saved as a local model dir, GSM8K data, the engine's fit, then report: the guard
-    passes, fine-tuned held-out loss beats the base on training data, files are written."""
+    """A tiny Llama saved as a local model dir, GSM8K data, the baseline, the engine's fit, then report:
+    the guard passes, fine-tuned held-out loss differs from the baseline's, files are written, and the
+    Result carries the old result dict under details."""
     from loralab.engine.config import load_config
     from loralab.engine.trainer import fit
 
@@ -217,18 +252,32 @@ def test_build_fit_report_end_to_end(tmp_path, monkeypatch):
     monkeypatch.delenv("LORALAB_JUDGE_URL", raising=False)
     cfg = load_config(None, [f"model.name={model_dir}", "data.train_samples=8", "data.eval_samples=3",
                              "data.max_length=1024", "train.max_steps=3", "train.batch_size=4", "train.lr=5e-3",
-                             "train.quiet=true", "generate.max_new_tokens=4", "lora.r=4"],
+                             "train.quiet=true", "generate.max_new_tokens=4", "lora.r=4", "train.eval_every=2"],
                       preset="instruct-cpu")
-    model, task, tokenizer = I.build(cfg)
+    assert get_experiment("instruct") is EXP and EXP.sections == ("generate",)
+    built = EXP.build(cfg)
+    model, task = built.model, built.task
     assert len(task.train_dataset) == 8 and all(len(ex["input_ids"]) <= 1024 for ex in task.train_dataset)
+    assert len(built.state["held"]) == 3 and task.metric == "eval_loss"  # eval_every > 0: selection on held-out
     with pytest.raises(E.AdapterNotPresentError):  # before training: B = 0
         E.assert_adapter_present(model, task.collate(task.train_dataset[:2]))
-    result = fit(model, task, cfg.train, run_dir=tmp_path / "run")
-    out = I.report(cfg, model, tokenizer, tmp_path / "run", result)
+    built.baseline = EXP.baseline(built)
+    ref, _ = _reference_loss(_tiny_llama(len(tok), seed=2), built.state["held"])
+    assert built.baseline.score == pytest.approx(ref, rel=1e-5)  # the saved model, no adapter
+    fitted = fit(model, task, cfg.train, run_dir=tmp_path / "run")
+    result = EXP.report(built, fitted, tmp_path / "run")
+    out = result.details
     assert out["adapter_check"]["max_logit_change"] > 0
+    assert out["heldout"]["base_loss"] == built.baseline.score
     assert out["heldout"]["finetuned_loss"] != out["heldout"]["base_loss"]
     assert out["gsm8k"]["finetuned"]["n"] == 3 and out["gsm8k"]["base"]["n"] == 3
     assert [r["prompt"] for r in out["generations"]] == E.STUDY_PROMPTS
     assert out["judge"] == {"skipped": "LORALAB_JUDGE_URL not set"}
-    for name in ("instruct_result.json", "generations.md", "adapter/adapter_model.safetensors"):
+    for name in ("instruct_result.json", "generations.md", "summary.txt", "resources.json",
+                 "adapter/adapter_model.safetensors"):
         assert (tmp_path / "run" / name).exists(), name
+    assert (result.experiment, result.main_metric, result.greater_is_better) == ("instruct", "eval_loss", False)
+    assert result.score == out["heldout"]["finetuned_loss"]
+    assert result.metrics["gsm8k_exact_match"] == out["gsm8k"]["finetuned"]["exact_match"]
+    assert result.margin == pytest.approx(0.01 * built.baseline.score)
+    assert result.learned is (built.baseline.score - result.score > result.margin)  # lower is better

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from loralab.tasks import glue_data as D
+from loralab.tasks.common.sampling import subsample
+from loralab.tasks.glue import data as D
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
+SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "glue"
 needs_shared = pytest.mark.skipif(not (SHARED / "MRPC").is_dir(), reason="../shared/data/glue not present")
 
 ALL = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
@@ -117,12 +118,23 @@ def test_hub_without_datasets_is_a_clear_error(monkeypatch):
         D.load_split(D.TASKS["rte"], "dev", source="hub")
 
 
-def test_subsample_is_seeded_and_ordered():
-    data = [{"i": i} for i in range(100)]
-    a, b = D.subsample(data, 10, seed=3), D.subsample(data, 10, seed=3)
-    assert a == b and len(a) == 10 and [x["i"] for x in a] == sorted(x["i"] for x in a)
-    assert D.subsample(data, 10, seed=4) != a
-    assert D.subsample(data, 0, seed=0) is data and D.subsample(data, 500, seed=0) is data
+def test_glue_subsamples_train_with_the_shared_rng(tmp_path):
+    """data.train_samples: GLUE's train subset is common.sampling.subsample(train, n, data.seed), dev sets
+    are cut to their first data.eval_samples (subsample itself is tested in tests/tasks/common)."""
+    from loralab.engine.config import load_config
+    from loralab.tasks.glue.experiment import load_task_data
+
+    (tmp_path / "SST-2").mkdir()
+    rows = [f"sentence {i}\t{i % 2}" for i in range(40)]
+    (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:9]) + "\n")
+    cfg = load_config(overrides=["experiment=glue", "data.task=sst2", f"data.data_dir={tmp_path}",
+                                 "data.train_samples=7", "data.eval_samples=4", "data.seed=3"])
+    train, evals = load_task_data(cfg, D.TASKS["sst2"])
+    everything = D.load_split(D.TASKS["sst2"], "train", data_dir=tmp_path)
+    assert train == subsample(everything, 7, seed=3) and len(train) == 7
+    assert train != subsample(everything, 7, seed=4)
+    assert evals == {"dev": D.load_split(D.TASKS["sst2"], "dev", data_dir=tmp_path)[:4]}
 
 
 @needs_shared

@@ -4,7 +4,11 @@ import json
 import pytest
 import torch
 
-from loralab.tasks import instruct as I
+from loralab.tasks.common.batches import make_collate
+from loralab.tasks.common.causal_lm import block_causal_mask, token_loss_sum
+from loralab.tasks.instruct import data as I
+from loralab.tasks.instruct.eval import scored_heldout_loss
+from loralab.tasks.instruct.experiment import load_split_records, make_task
 
 LLAMA_STYLE = (
     "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
@@ -206,7 +210,7 @@ def test_packing_layout_and_masks():
          "segment_ids": [0, 0, 0, 1, 1]},
         {"input_ids": [6, 7, 8, 9], "labels": [-100, 7, 8, 9], "position_ids": [0, 1, 2, 3],
          "segment_ids": [0, 0, 0, 0]}]
-    m = I.block_causal_mask(torch.tensor([[0, 0, 1, 1, -1]]), torch.float32)[0, 0] == 0
+    m = block_causal_mask(torch.tensor([[0, 0, 1, 1, -1]]), torch.float32)[0, 0] == 0
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]])
     assert torch.equal(m, expected.bool())
     with pytest.raises(ValueError, match="exceeds max_length"):
@@ -232,27 +236,29 @@ def test_packed_loss_equals_unpacked_reference(impl):
             ref_n += int(keep.sum())
         rows = I.pack_examples(exs, max_length=sum(len(e["input_ids"]) for e in exs[:2]))
         assert len(rows) == 2 and rows[0]["segment_ids"][-1] == 1
-        batch = I.make_collate(tok.pad_token_id)(rows)
+        batch = make_collate(tok.pad_token_id)(rows)
         assert batch["segment_ids"][1, -1] == -1  # the shorter row is padded
-        loss, n = I.token_loss_sum(model, batch)
+        loss, n = token_loss_sum(model, batch)
     assert n == ref_n
     assert loss.item() == pytest.approx(ref_sum, rel=1e-5)
 
 
-def test_task_loss_is_token_mean_and_evaluate():
+def test_task_loss_is_token_mean_and_heldout_evaluation():
     tok = tiny_tokenizer()
     exs = I.tokenize_all(tok, [CONV, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "yz"}]])
     model = _tiny_llama(len(tok))
-    task = I.make_task(exs, exs, tok.pad_token_id)
+    task = make_task(exs, tok.pad_token_id)
     batch = task.collate(exs)
     assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([len(e["input_ids"]) for e in exs]))
+    assert task.tokens(batch) == sum(len(e["input_ids"]) for e in exs)  # throughput counts real tokens
     with torch.no_grad():
-        total, n = I.token_loss_sum(model, batch)
+        total, n = token_loss_sum(model, batch)
         assert task.loss(model, batch).item() == pytest.approx(total.item() / n)
-        metrics = task.evaluate(model)
+    # no mid-run selection unless build() asks for it (see the end-to-end test); the held-out score:
+    assert task.metric is None and task.evaluate is None and task.greater_is_better is False
+    metrics = scored_heldout_loss(model, exs, task.collate, batch_size=1)
     assert metrics["eval_loss"] == pytest.approx(total.item() / n, rel=1e-6)
     assert metrics["eval_ppl"] == pytest.approx(torch.tensor(total.item() / n).exp().item(), rel=1e-6)
-    assert task.metric == "eval_loss" and task.greater_is_better is False
 
 
 # ----------------------------------------------------------------------------- GSM8K
@@ -288,18 +294,18 @@ def test_generic_dataset_split_and_subsampling(tmp_path):
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(recs))
     cfg = load_config(None, ["experiment=instruct", "data.task=auto", f"data.train_file={path}"])
-    train, held, fmt, _ = I.load_split_records(cfg)
+    train, held, fmt, _ = load_split_records(cfg)
     assert fmt == "auto" and len(train) + len(held) == 400 and 5 <= len(held) <= 40
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in held}
     cfg = load_config(None, ["experiment=instruct", "data.task=alpaca", f"data.train_file={path}",
                              "data.train_samples=10", "data.eval_samples=3", "data.seed=1"])
-    t1, h1, _, _ = I.load_split_records(cfg)
-    assert len(t1) == 10 and h1 == held[:3] and t1 == I.load_split_records(cfg)[0]  # seeded, repeatable
+    t1, h1, _, _ = load_split_records(cfg)
+    assert len(t1) == 10 and h1 == held[:3] and t1 == load_split_records(cfg)[0]  # seeded, repeatable
     assert {r["instruction"] for r in t1} <= {r["instruction"] for r in train}
     for bad, msg in ((["data.task=alpaca"], "set it"), (["data.task=yaml", f"data.train_file={path}"], "expected"),
                      (["data.task=oasst", f"data.train_file={path}"], "eval_file")):
         with pytest.raises(ValueError, match=msg):
-            I.load_split_records(load_config(None, ["experiment=instruct"] + bad))
+            load_split_records(load_config(None, ["experiment=instruct"] + bad))
 
 
 def test_qlora_preset_is_the_papers_recipe():
@@ -308,12 +314,13 @@ def test_qlora_preset_is_the_papers_recipe():
     cfg = load_config(preset="qlora")
     assert (cfg.experiment, cfg.model.quantize, cfg.model.double_quant, cfg.model.compute_dtype) == (
         "instruct", "nf4", True, "bfloat16")
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (64, 16.0, 0.1, "all-linear")
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout, cfg.lora.target_modules) == (64, 16.0, 0.1,
+                                                                                         "all-linear")
     assert (cfg.train.lr, cfg.train.schedule, cfg.train.warmup_ratio, cfg.train.max_grad_norm,
             cfg.train.optimizer) == (2e-4, "constant", 0.03, 0.3, "paged_adamw")
     assert cfg.model.gradient_checkpointing and cfg.data.loss_on == "assistant"
     large = load_config(preset="qlora-large")
-    assert (large.lora.dropout, large.train.lr) == (0.05, 1e-4)
+    assert (large.lora.lora_dropout, large.train.lr) == (0.05, 1e-4)
     cpu = load_config(preset="instruct-cpu")
     assert (cpu.model.name, cpu.model.quantize, cpu.lora.r, cpu.train.batch_size) == ("smollm2-135m", "none", 16, 4)
     assert load_config(preset="instruct-cpu-nf4").model.quantize == "nf4"
