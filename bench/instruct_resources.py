@@ -57,12 +57,13 @@ def worker(overrides: list[str], steps: int) -> dict:
     import torch
 
     from loralab.engine.config import load_config
-    from loralab.tasks import instruct
+    from loralab.tasks.instruct.experiment import EXPERIMENT
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cfg = load_config(None, overrides, preset="quickstart")
     t0 = time.perf_counter()
-    model, task, _ = instruct.build(cfg)
+    built = EXPERIMENT.build(cfg)
+    model, task = built.model, built.task
     build_s = time.perf_counter() - t0
     rss_build = _rss_mb()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -127,9 +127,6 @@ def test_gradient_checkpointing_through_4bit_lora_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="bench/instruct_resources.py still calls the removed loralab.tasks.instruct.build "
-                          "(now EXPERIMENT.build(cfg) -> Built); bench/ is outside tests/tasks: the lead fixes it")
 def test_resource_bench_quick_json(tmp_path, monkeypatch):
     """bench/instruct_resources.py --quick: every variant's keys, and the full-FT estimate's arithmetic.
     (Variants run in-process here; the script itself runs each in a fresh subprocess.)"""
