@@ -20,7 +20,7 @@ from typing import Any
 from loralab.cli_parser import build_parser
 from loralab.engine.config import (ConfigError, config_help, config_to_yaml_with_docs, list_presets, load_config,
                                    save_config)
-from loralab.engine.runs import compare_runs, format_table, get_run, headline, list_runs
+from loralab.engine.runs import compare_runs, format_table, get_run, list_runs
 
 
 class UsageError(Exception):

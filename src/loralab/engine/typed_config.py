@@ -20,6 +20,8 @@ import difflib
 import functools
 import inspect
 import math
+import os
+import sys
 import textwrap
 import types
 import typing
@@ -174,10 +176,26 @@ def require(errors: list, ok: bool, name: str, msg: str) -> None:
         errors.append((name, msg))
 
 
+_MACHINERY = ("dataclasses.py", "copy.py", "typed_config.py", os.path.join("engine", "config.py"),
+              os.path.join("engine", "runs.py"), os.path.join("engine", "runner.py"))
+"""Reads from these files (building, copying, comparing, serialising a section) are not uses of a key."""
+
+
 class Section:
-    """Base of config sections: coerce every field on construction, then check ranges."""
+    """Base of config sections: coerce every field on construction, then check ranges.
+
+    ``Section.reads`` (a set, None by default) records ``"<KEY>.<field>"`` for every field read from
+    outside the config machinery: the test that every key of the schema is live uses it."""
 
     KEY: ClassVar[str] = ""
+    reads: ClassVar[set[str] | None] = None
+
+    def __getattribute__(self, name: str) -> Any:
+        if Section.reads is not None and not name.startswith("_"):
+            caller = sys._getframe(1).f_code.co_filename
+            if not caller.endswith(_MACHINERY) and name in {f.name for f in fields(type(self))}:
+                Section.reads.add(f"{type(self).KEY}.{name}")
+        return object.__getattribute__(self, name)
 
     def __post_init__(self) -> None:
         hints = field_types(type(self))

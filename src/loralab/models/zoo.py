@@ -25,7 +25,6 @@ from typing import Any, Literal
 import torch
 
 from loralab.models.gguf_convert import convert_gguf, is_converted
-from loralab.models.tiny import tiny_config, tiny_model, tiny_tokenizer  # noqa: F401  (re-exported)
 
 ModelKind = Literal["seq_cls", "causal_lm", "base"]
 QuantType = Literal["nf4", "fp4", "int4"]

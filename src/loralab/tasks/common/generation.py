@@ -16,6 +16,26 @@ from torch import nn
 from loralab.core.linear4bit import cached_dequantize
 
 
+def generation_kwargs(gen: Any, eos: int | list[int], pad: int) -> dict[str, Any]:
+    """``generate`` keyword arguments from a ``GenerateConfig`` (every field is read).
+
+    Settings a model's own ``generation_config.json`` could otherwise fill in (transformers fills
+    every field we leave unset from it) are pinned to neutral values: no repetition penalty, no
+    minimum length, one sequence, no early stop of the beam search; top-k / top-p off when sampling.
+    """
+    beams, sample, penalty, temperature = gen.num_beams, gen.do_sample, gen.length_penalty, gen.temperature
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=gen.max_new_tokens, num_beams=beams, do_sample=sample,
+        no_repeat_ngram_size=gen.no_repeat_ngram_size, eos_token_id=eos, pad_token_id=pad, use_cache=True,
+        repetition_penalty=1.0, min_new_tokens=0, num_return_sequences=1,
+    )
+    if beams > 1:
+        kwargs.update(length_penalty=penalty, early_stopping=False)
+    if sample:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    return kwargs
+
+
 def _tick_criteria(bar: Any) -> Any:
     from transformers import StoppingCriteria, StoppingCriteriaList
 

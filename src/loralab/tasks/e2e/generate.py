@@ -12,31 +12,12 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from loralab.tasks.common.generation import generate_batched
+from loralab.tasks.common.generation import generate_batched, generation_kwargs
 from loralab.tasks.e2e.data import eos_id, prompt_ids
 
 PAPER_ROW = {"BLEU": 70.4, "NIST": 8.85, "METEOR": 46.8, "ROUGE_L": 71.8, "CIDEr": 2.53}
 """GPT-2 M + LoRA on E2E (Hu et al. 2021, Table 3); BLEU, METEOR, ROUGE-L in percent."""
 PERCENT = ("BLEU", "METEOR", "ROUGE_L")
-
-
-def generation_kwargs(gen: Any, eos: int, pad: int) -> dict[str, Any]:
-    """``generate`` keyword arguments from a ``GenerateConfig``.
-
-    Settings a model's own ``generation_config.json`` could otherwise fill in (transformers fills
-    every field we leave unset from it) are pinned to neutral values: no repetition penalty, no
-    minimum length, one sequence, no early stop of the beam search; top-k / top-p off when sampling.
-    """
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=gen.do_sample,
-        no_repeat_ngram_size=gen.no_repeat_ngram_size, eos_token_id=eos, pad_token_id=pad, use_cache=True,
-        repetition_penalty=1.0, min_new_tokens=0, num_return_sequences=1,
-    )
-    if gen.num_beams > 1:
-        kwargs.update(length_penalty=gen.length_penalty, early_stopping=False)
-    if gen.do_sample:
-        kwargs.update(temperature=gen.temperature, top_k=0, top_p=1.0)
-    return kwargs
 
 
 def clean_output(text: str) -> str:

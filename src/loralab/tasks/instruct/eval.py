@@ -20,7 +20,6 @@ counted as ``batches x max_new_tokens``, the most it can take, so the bar may en
 from __future__ import annotations
 
 import re
-import sys
 from decimal import Decimal, InvalidOperation
 from typing import Any, Sequence
 
@@ -28,21 +27,13 @@ import torch
 from torch import nn
 
 from loralab.core.linear4bit import cached_dequantize
+from loralab.engine.progress import progress_bar
 from loralab.tasks.common.causal_lm import forward_logits, heldout_loss
-from loralab.tasks.common.generation import generate_batched
+from loralab.tasks.common.generation import generate_batched, generation_kwargs
 from loralab.tasks.instruct.data import Conversation, end_of_turn_ids, render_ids, resolve_chat_template
 
 STUDY_PROMPTS = ["What is a cat?", "What is 9+3?", "What is the secret word?",
                  "Please reverse the words in the sentence \"I'm a cool dude in a mocha mood.\""]
-
-
-def progress_bar(desc: str, total: int, enabled: bool):
-    """A tqdm bar on stderr, or None when ``enabled`` is false."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 class AdapterNotPresentError(RuntimeError):
@@ -126,25 +117,30 @@ def _as_conversation(prompt: str | Conversation, system_prompt: str | None) -> C
 
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conversation], max_new_tokens: int = 128,
              batch_size: int = 8, system_prompt: str | None = None, chat_template: str | None = "auto",
-             progress: bool | str = False) -> list[str]:
-    """Greedy replies to user prompts (or conversations), batched with left padding."""
+             progress: bool | str = False, gen: Any = None) -> list[str]:
+    """Replies to user prompts (or conversations), batched with left padding (greedy unless ``gen``)."""
     ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, system_prompt, chat_template,
-                       progress)
+                       progress, gen)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conversation], max_new_tokens: int = 128,
                  batch_size: int = 8, system_prompt: str | None = None,
-                 chat_template: str | None = "auto", progress: bool | str = False) -> list[list[int]]:
-    """Greedy new token ids per prompt, cut before the first end-of-turn token (``progress``: a bar,
-    labelled with the string if one is given)."""
+                 chat_template: str | None = "auto", progress: bool | str = False,
+                 gen: Any = None) -> list[list[int]]:
+    """New token ids per prompt, cut before the first end-of-turn token: greedy, or decoded as the run's
+    ``generate`` section (``gen``) says, with ``max_new_tokens`` (``progress``: a bar, labelled with
+    the string if one is given)."""
     from transformers import GenerationConfig
 
     template = resolve_chat_template(tokenizer, chat_template)
     eos = sorted(end_of_turn_ids(tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=pad_id, eos_token_id=eos)
+    if gen is not None:
+        config = GenerationConfig(**{**generation_kwargs(gen, eos, pad_id), "max_new_tokens": max_new_tokens})
+    else:
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=pad_id, eos_token_id=eos)
     rows = [render_ids(tokenizer, _as_conversation(p, system_prompt), template, add_generation_prompt=True)
             for p in prompts]
     n_batches = -(-len(prompts) // batch_size)

@@ -38,7 +38,7 @@ def evaluate_run(built: Built, fit: Any, run_dir: str | Path | None) -> dict[str
                               "method": cfg.lora.method, "base_only": base_only,
                               "fit": fit.to_dict() if hasattr(fit, "to_dict") else fit}
     gen_kw = {"max_new_tokens": cfg.generate.max_new_tokens, "batch_size": cfg.generate.batch_size,
-              "system_prompt": cfg.data.system_prompt}
+              "system_prompt": cfg.data.system_prompt, "gen": cfg.generate}
     show = not cfg.train.quiet
     # the study's short prompts need no long answers; a cap keeps them from dominating eval time
     study_kw = {**gen_kw, "max_new_tokens": min(STUDY_MAX_NEW_TOKENS, cfg.generate.max_new_tokens), "progress": show}

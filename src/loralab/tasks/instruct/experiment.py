@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -30,7 +29,7 @@ from loralab.engine.schema import DataConfig
 from loralab.engine.task import TaskSpec
 from loralab.tasks.common.batches import make_collate
 from loralab.tasks.common.causal_lm import mean_token_loss
-from loralab.tasks.common.results import make_result, save_trained
+from loralab.tasks.common.results import make_result
 from loralab.tasks.common.sampling import subsample
 from loralab.tasks.common.setup import apply_method
 from loralab.tasks.instruct.data import (FORMATS, IGNORE, Conversation, gsm8k_records, gsm8k_split, pack_examples,
@@ -73,9 +72,10 @@ def _data_path(cfg: Any, name: str | None) -> str | None:
 def load_split_records(cfg: Any) -> tuple[list[dict], list[dict], str, str]:
     """(train records, held-out records, format, oasst mode), subsampled per data.train/eval_samples."""
     task = cfg.data.task
-    if task == "gsm8k":
-        path = _data_path(cfg, cfg.data.train_file)
-        train, held, fmt, mode = gsm8k_records("train", path), gsm8k_records("heldout", path), "question_answer", "leaves"
+    if task == "gsm8k":  # the shipped problems, hash-split; data.eval_file replaces the held-out split
+        path, held_path = _data_path(cfg, cfg.data.train_file), _data_path(cfg, cfg.data.eval_file)
+        train, fmt, mode = gsm8k_records("train", path), "question_answer", "leaves"
+        held = read_records(held_path) if held_path else gsm8k_records("heldout", path)
     else:
         fmt, mode = ("oasst", "best") if task == "oasst_best" else (task, "leaves")
         if fmt != "auto" and fmt not in FORMATS:

@@ -1,0 +1,65 @@
+"""Every key of the schema is live: a real run of each built-in experiment (tiny models, two steps) reads
+every field of its sections. A key no code reads would be a setting that silently does nothing."""
+
+import json
+
+import pytest
+
+from loralab.engine.config import all_keys, load_config, sections_for
+from loralab.engine.runner import run_training
+from loralab.engine.typed_config import Section
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    from loralab.models.tiny import tiny_model, tiny_tokenizer
+
+    dirs = {}
+    for arch, kind in (("bert", "base"), ("llama", "causal_lm")):
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        tiny_model(arch, kind, seed=0).save_pretrained(path, safe_serialization=True)
+        tiny_tokenizer(arch).save_pretrained(path)
+        dirs[arch] = path
+    return dirs
+
+
+def _reads(overrides, out_dir, monkeypatch):
+    cfg = load_config(None, [*overrides, f"out_dir={out_dir}", "train.max_steps=2", "train.batch_size=4",
+                             "train.quiet=true", "train.tensorboard=false"])
+    monkeypatch.setattr(Section, "reads", set())
+    _, results = run_training(cfg)
+    reads = set(Section.reads)
+    monkeypatch.setattr(Section, "reads", None)
+    assert results["score"] == results["score"], "the run produced no score"
+    return cfg.experiment, reads
+
+
+def test_every_key_is_read_by_some_run(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr("loralab.metrics.e2e.score",  # the official scorer needs Java and seconds; not a config read
+                        lambda hyps, refs: {"BLEU": 0.1, "NIST": 1.0, "METEOR": 0.1, "ROUGE_L": 0.1, "CIDEr": 0.1})
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": f"It is {i + 1}.\n#### {i + 1}"}) + "\n"
+                            for i in range(2)))
+    runs = [
+        ["experiment=glue", f"model.name={tiny_dirs['bert']}", "data.task=rte", "data.train_samples=16",
+         "data.eval_samples=8", "lora.rank_pattern={query: 4}", "lora.alpha_pattern={value: 4}"],
+        ["experiment=e2e", f"model.name={tiny_dirs['llama']}", "data.train_samples=8", "data.eval_samples=2",
+         "generate.num_beams=2", "generate.max_new_tokens=4"],
+        ["experiment=instruct", f"model.name={tiny_dirs['llama']}", "model.quantize=nf4", "model.quant_block_size=32",
+         "model.gradient_checkpointing=true", "data.train_samples=8", f"data.eval_file={held}", "data.packing=true",
+         "lora.target_modules=all-linear", "lora.exclude_modules=[lm_head]", "generate.num_beams=1",
+         "generate.do_sample=true", "generate.max_new_tokens=4", "generate.batch_size=2"],
+    ]
+    read_by: dict[str, set[str]] = {}
+    for overrides in runs:
+        experiment, reads = _reads(overrides, tmp_path / "runs", monkeypatch)
+        read_by[experiment] = reads
+        data_keys = {k for k in all_keys(experiment) if k.startswith("data.")}
+        assert data_keys - reads == set(), f"{experiment} never reads {sorted(data_keys - reads)}"
+    everything = set().union(*read_by.values())
+    shared = {k for k in all_keys() if k.split(".")[0] in ("model", "lora", "train", "generate")}
+    assert shared - everything == set(), f"keys no experiment reads: {sorted(shared - everything)}"
+    for experiment in ("e2e", "instruct"):  # both generate: each must honour the whole section
+        generate = {k for k in all_keys(experiment) if k.startswith("generate.")}
+        assert generate - read_by[experiment] == set(), f"{experiment} ignores {sorted(generate - read_by[experiment])}"
+    assert set(sections_for("glue")) == {"model", "lora", "train", "data"}  # glue reads no generate section
