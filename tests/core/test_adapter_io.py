@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from loralab.core.adapter_io import export_peft, load_adapter, read_config, save_adapter
 from loralab.core.config import LoraConfig
-from loralab.core.inject import inject_adapter
+from loralab.core.inject import disable_adapters, inject_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -22,6 +22,11 @@ def tiny(arch: str, seed: int = 0):
         cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=64, vocab_size=97, num_labels=3)
         return transformers.BertForSequenceClassification(cfg).eval()
+    if arch == "roberta":  # classifier = dense + out_proj: a nested modules_to_save head
+        cfg = transformers.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, vocab_size=97, num_labels=3,
+                                         max_position_embeddings=40, pad_token_id=1)
+        return transformers.RobertaForSequenceClassification(cfg).eval()
     if arch == "gpt2":
         cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=97, bos_token_id=0, eos_token_id=0)
         return transformers.GPT2LMHeadModel(cfg).eval()
@@ -155,3 +160,64 @@ def test_errors_are_loud_and_name_the_problem(tmp_path):
     (tmp_path / "d" / "adapter_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match="never unpickles"):
         load_adapter(tiny("bert"), tmp_path / "d")
+
+
+def _peft_keys(directory) -> set[str]:
+    return set(load_file(str(directory / "adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize("targets", [["query", "value"], "all-linear"])
+def test_nested_head_from_peft_survives_load_disable_and_resave(tmp_path, targets):
+    """RoBERTa's classifier is dense + out_proj. Before the fix, load_adapter dropped it from the config
+    (modules_to_save None), copied the head into the base model, so disable_adapters() was ~1 away
+    from the base and a re-save left out classifier.* (PEFT on that file: logits ~1.5 off)."""
+    pm = peft.get_peft_model(tiny("roberta"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                              modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    randomize(pm)
+    expected = logits(pm.eval())
+    pm.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == [
+        "classifier", "classifier", "score"]  # PEFT adds its SEQ_CLS defaults: "score" is not in RoBERTa
+    model = load_adapter(tiny("roberta"), tmp_path / "peft")
+    torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
+    assert model.lora_configs["default"].modules_to_save == ["classifier"]
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model), logits(tiny("roberta")), rtol=0, atol=0)
+    save_adapter(model, tmp_path / "again")
+    assert _peft_keys(tmp_path / "again") == _peft_keys(tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(tiny("roberta"), tmp_path / "again").eval()
+    torch.testing.assert_close(logits(theirs), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, logits(tiny("roberta")), atol=1e-2)  # the adapter matters
+
+
+def test_loralab_roberta_all_linear_with_head_round_trips_and_loads_in_peft(tmp_path):
+    """Before the fix: 'missing keys' (the head was not re-wrapped, so all-linear adapted classifier.dense)."""
+    model = inject_adapter(tiny("roberta"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       modules_to_save=["classifier"]))
+    randomize(model)
+    ours = logits(model)
+    save_adapter(model, tmp_path)
+    assert {k for k in _peft_keys(tmp_path) if ".classifier." in k} == {
+        f"base_model.model.classifier.{m}.{p}" for m in ("dense", "out_proj") for p in ("weight", "bias")}
+    again = load_adapter(tiny("roberta"), tmp_path)
+    torch.testing.assert_close(logits(again), ours, rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(tiny("roberta"), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_head_named_in_config_but_absent_from_file_is_refused(tmp_path):
+    """A file whose config names the model's head but holds none of its tensors would silently load the
+    untrained head; base tensors in a file of a bias='none' adapter are not copied into the model."""
+    model = inject_adapter(tiny("roberta"), LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    save_adapter(model, tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "adapter_config.json").write_bytes((tmp_path / "a" / "adapter_config.json").read_bytes())
+    save_file({k: v for k, v in tensors.items() if ".classifier." not in k}, str(tmp_path / "b" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'classifier' is \['classifier'\].*holds no tensor"):
+        load_adapter(tiny("roberta"), tmp_path / "b")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": None}))
+    save_file(tensors, str(tmp_path / "b" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected keys \['base_model.model.classifier.dense.bias'"):
+        load_adapter(tiny("roberta"), tmp_path / "b")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loralab.core.config import LoraConfig
-from loralab.core.inject import inject_adapter, lora_modules, mark_trainable
+from loralab.core.inject import _leaf_modules, _suffix_match, inject_adapter, lora_modules, mark_trainable
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -48,12 +48,14 @@ PEFT_NEUTRAL = {
 ANY_VALUE = {"fan_in_fan_out", "inference_mode", "revision", "auto_mapping", "megatron_core", "peft_version",
              "qalora_group_size", "ensure_weight_tying"}
 FUSED_KEY = "loralab_fused_qkv"
+# Parameter-name components of adapter tensors (everything else in a file must be a trained bias).
+ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")
 
 
 def _file_key(param_name: str, adapter: str) -> str | None:
     """In-memory parameter name -> PEFT file key, or None when it belongs to another adapter."""
     parts = param_name.split(".")
-    for marker in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save"):
+    for marker in ADAPTER_MARKERS:
         if marker in parts:
             i = parts.index(marker)
             if parts[i + 1] != adapter:
@@ -77,8 +79,7 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     lora_paths = {name for name, _ in lora_modules(model)}
     for name, p in model.named_parameters():
         parts = name.split(".")
-        is_adapter = any(m in parts for m in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                                              "modules_to_save"))
+        is_adapter = any(m in parts for m in ADAPTER_MARKERS)
         is_bias = parts[-1] == "bias" and not is_adapter and "original_module" not in parts
         if is_bias and cfg.bias == "lora_only":
             is_bias = name.removesuffix(".base_layer.bias") in lora_paths and name.endswith(".base_layer.bias")
@@ -171,14 +172,16 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     if getattr(model, "lora_configs", None) and adapter_name in model.lora_configs:
         raise ValueError(f"the model already has an adapter {adapter_name!r}; load under another adapter_name")
     saved = load_file(str(weights))
-    cfg.modules_to_save = [m for m in (cfg.modules_to_save or [])
-                           if any(k.startswith(PREFIX) and _under_module(k, m) for k in saved)] or None
+    cfg.modules_to_save = _modules_to_save_in_file(model, cfg.modules_to_save, saved, directory)
     inject_adapter(model, cfg, adapter_name)
     expected = {}
     for name, p in model.named_parameters():
         key = _file_key(name, adapter_name)
-        if key is not None and (any(m in name.split(".") for m in ("lora_A", "lora_B", "lora_embedding_A",
-                                "lora_embedding_B", "modules_to_save")) or key in saved):
+        if key is None:
+            continue
+        parts = name.split(".")
+        trained_bias = cfg.bias != "none" and parts[-1] == "bias" and "original_module" not in parts
+        if any(m in parts for m in ADAPTER_MARKERS) or (trained_bias and key in saved):
             expected[key] = p
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
@@ -205,8 +208,31 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
 
 
 def _under_module(key: str, module_suffix: str) -> bool:
-    path = key.removeprefix(PREFIX)
-    return re.search(rf"(^|\.){re.escape(module_suffix)}\.[^.]+$", path) is not None
+    """Whether file ``key`` is a tensor inside a module named ``module_suffix`` (at any depth: RoBERTa's
+    classifier holds ``dense`` and ``out_proj``, so its tensors are ``classifier.dense.weight`` etc.)."""
+    return key.startswith(PREFIX) and re.search(rf"(^|\.){re.escape(module_suffix)}\.", key[len(PREFIX):]) is not None
+
+
+def _modules_to_save_in_file(model: nn.Module, names: list[str] | None, saved: dict[str, torch.Tensor],
+                             directory: Path) -> list[str] | None:
+    """The ``modules_to_save`` entries the adapter file really carries.
+
+    PEFT writes its task's default head names into the config whether the model has them or not
+    (SEQ_CLS: "classifier" and "score"), so an entry naming no module of ``model`` and no tensor of the
+    file is dropped. An entry naming a module of ``model`` but no tensor of the file is refused: loading
+    would silently keep the untrained head.
+    """
+    keep = []
+    for entry in dict.fromkeys(names or []):
+        in_model = [n for n, _ in _leaf_modules(model) if n and _suffix_match(n, entry)]
+        in_file = any(_under_module(k, entry) for k in saved)
+        if in_model and not in_file:
+            raise ValueError(f"adapter {directory}: modules_to_save entry {entry!r} is {in_model} in this "
+                             f"{type(model).__name__}, but {WEIGHTS_NAME} holds no tensor under it; the file "
+                             "does not belong to this model, or was saved without its head")
+        if in_file:
+            keep.append(entry)  # a name the model lacks fails in inject_adapter, naming the entry
+    return keep or None
 
 
 def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
