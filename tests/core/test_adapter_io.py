@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from loralab.core.adapter_io import export_peft, load_adapter, read_config, save_adapter
 from loralab.core.config import LoraConfig
-from loralab.core.inject import disable_adapters, inject_adapter
+from loralab.core.inject import disable_adapters, inject_adapter, lora_modules
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -221,3 +222,66 @@ def test_head_named_in_config_but_absent_from_file_is_refused(tmp_path):
     save_file(tensors, str(tmp_path / "b" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"unexpected keys \['base_model.model.classifier.dense.bias'"):
         load_adapter(tiny("roberta"), tmp_path / "b")
+
+
+# rank/alpha pattern keys as users write them for PEFT: plain suffixes, dotted suffixes, regexes.
+LLAMA_PATTERNS = dict(
+    rank_pattern={r"layers\.1\.self_attn\.v_proj": 8, "down_proj": 2},
+    alpha_pattern={r"layers\.1\.self_attn\.v_proj": 32, r"layers\.0\.self_attn\.(q|v)_proj": 2,
+                   "self_attn.q_proj": 12},
+)
+
+
+def test_regex_rank_and_alpha_patterns_match_peft_layer_by_layer(tmp_path):
+    """Before the fix a key like layers\\.1\\.self_attn\\.v_proj was full-matched against the whole name and
+    silently ignored (scaling 2.0 instead of 8.0); as a rank_pattern it gave a shape error on load."""
+    pm = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"],
+                                                            **LLAMA_PATTERNS))
+    theirs = {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+              for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    model = inject_adapter(tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"],
+                                                     **LLAMA_PATTERNS))
+    ours = {n: (m.r["default"], m.scaling["default"]) for n, m in lora_modules(model)}
+    assert ours == theirs
+    assert ours["model.layers.1.self_attn.v_proj"] == (8, 4.0)  # 32 / 8
+    assert ours["model.layers.0.self_attn.v_proj"] == (4, 0.5)  # 2 / 4
+    assert ours["model.layers.0.self_attn.q_proj"] == (4, 0.5)  # the earlier key wins, as in PEFT
+    assert ours["model.layers.1.self_attn.q_proj"] == (4, 3.0)  # 12 / 4
+    randomize(pm)
+    expected = logits(pm.eval())
+    pm.save_pretrained(tmp_path)
+    loaded = load_adapter(tiny("llama"), tmp_path)
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pattern_key_order_survives_save_and_load_in_peft_and_loralab(tmp_path):
+    """Pattern keys are first-match: sorting them on save (as json sort_keys did) flipped which one wins."""
+    patterns = dict(alpha_pattern={"q_proj": 16, r"layers\.0\.self_attn\.q_proj": 2})  # not in sorted order
+    model = inject_adapter(tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **patterns))
+    assert dict(lora_modules(model))["model.layers.0.self_attn.q_proj"].scaling["default"] == 4.0  # 16 / 4
+    randomize(model)
+    save_adapter(model, tmp_path)
+    assert list(read_config(tmp_path).alpha_pattern) == list(patterns["alpha_pattern"])
+    torch.testing.assert_close(logits(load_adapter(tiny("llama"), tmp_path)), logits(model), rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_pattern_keys_that_match_nothing_or_are_not_regexes_are_refused():
+    with pytest.raises(ValueError, match=re.escape(r"alpha_pattern key 'layers\.7\.v_proj' matches none of the 4 adapted")):
+        inject_adapter(tiny("llama"), LoraConfig(target_modules=["v_proj", "q_proj"],
+                                                 alpha_pattern={r"layers\.7\.v_proj": 2}))
+    with pytest.raises(ValueError, match=r"rank_pattern key 'q_proj\(' is not a valid regex"):
+        inject_adapter(tiny("llama"), LoraConfig(target_modules=["q_proj"], rank_pattern={"q_proj(": 2}))
+
+
+def test_export_peft_puts_its_exact_layer_keys_before_user_patterns(tmp_path):
+    """PEFT takes the first matching key: a user key matching the fused layer must not shadow the exported
+    rank r*k (else PEFT builds rank r and the file does not load)."""
+    model = tiny("gpt2")
+    inject_adapter(model, LoraConfig(r=2, lora_alpha=8, target_modules=["c_proj"], fused_qkv={"c_attn": [True, False, True]},
+                                     rank_pattern={"c_attn": 2}, alpha_pattern={r"h\.\d+\.attn\.c_(attn|proj)": 4}))
+    randomize(model)
+    export_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny("gpt2"), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs), logits(model), rtol=1e-5, atol=1e-5)

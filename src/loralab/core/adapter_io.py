@@ -112,7 +112,9 @@ def _atomic_write_dir(directory: Path, config: dict, tensors: dict[str, torch.Te
     tmp_w = directory / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp_w), metadata={"format": "pt"})
     tmp_c = directory / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
+    # Top-level keys sorted; nested dicts keep their order: rank_pattern / alpha_pattern are first-match
+    # lists (PEFT's rule), which sort_keys=True would reorder and so change which key wins on reload.
+    tmp_c.write_text(json.dumps({k: config[k] for k in sorted(config)}, indent=2))
     os.replace(tmp_w, directory / WEIGHTS_NAME)
     os.replace(tmp_c, directory / CONFIG_NAME)
 
@@ -242,7 +244,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = "de
     tensors = adapter_state_dict(model, adapter_name)
     config = _config_json(model, cfg)
     config.pop(FUSED_KEY, None)
-    rank_pattern, alpha_pattern = dict(cfg.rank_pattern), dict(cfg.alpha_pattern)
+    rank_pattern, alpha_pattern = {}, {}  # the exact per-layer keys go first: PEFT takes the first match
     for name, layer in lora_modules(model):
         enable = getattr(layer, "enable", {}).get(adapter_name)
         if enable is None:
@@ -259,6 +261,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = "de
         key = re.escape(name)  # a full-name regex: matches this layer only, here and in PEFT
         rank_pattern[key] = r * k
         alpha_pattern[key] = alpha * (math.sqrt(k) if cfg.use_rslora else k)  # keeps alpha'/r' == scaling
-    config["rank_pattern"], config["alpha_pattern"] = rank_pattern, alpha_pattern
+    config["rank_pattern"] = {**rank_pattern, **{k: v for k, v in cfg.rank_pattern.items() if k not in rank_pattern}}
+    config["alpha_pattern"] = {**alpha_pattern, **{k: v for k, v in cfg.alpha_pattern.items() if k not in alpha_pattern}}
     _atomic_write_dir(Path(directory), config, tensors)
     return Path(directory)
