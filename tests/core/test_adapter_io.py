@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from loralab.core.adapter_io import export_peft, load_adapter, read_config, save_adapter
 from loralab.core.config import LoraConfig
-from loralab.core.inject import disable_adapters, inject_adapter, lora_modules
+from loralab.core.inject import (ModulesToSaveWrapper, delete_adapter, disable_adapters, inject_adapter, lora_modules,
+                                merge_adapters, unload)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -285,3 +286,38 @@ def test_export_peft_puts_its_exact_layer_keys_before_user_patterns(tmp_path):
     export_peft(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(tiny("gpt2"), tmp_path).eval()
     torch.testing.assert_close(logits(theirs), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def _same_adapter_in_peft_and_loralab(arch: str, tmp_path):
+    pm = peft.get_peft_model(tiny(arch), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                         modules_to_save=["classifier"]))
+    randomize(pm)
+    pm.save_pretrained(tmp_path)
+    return pm.eval(), load_adapter(tiny(arch), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_readme_flow_merge_adapters_then_unload_keeps_the_trained_head_like_peft(tmp_path, arch):
+    """README: merge_adapters(model); base = unload(model). Before the fix unload put the untrained head
+    back (logits 0.33 off on BERT, 1.54 on RoBERTa); PEFT's merge_adapter(); unload() keeps it."""
+    pm, model = _same_adapter_in_peft_and_loralab(arch, tmp_path)
+    adapted = logits(pm)
+    pm.base_model.merge_adapter()
+    expected = logits(pm.unload())
+    torch.testing.assert_close(expected, adapted, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, logits(tiny(arch)), atol=1e-2)  # the adapter and head matter
+    merge_adapters(model)
+    ours = unload(model)
+    assert not any(isinstance(m, ModulesToSaveWrapper) for m in ours.modules())
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_unload_without_merge_and_merge_and_unload_equal_peft(tmp_path, arch):
+    pm, model = _same_adapter_in_peft_and_loralab(arch, tmp_path)
+    torch.testing.assert_close(logits(unload(model)), logits(pm.unload()), rtol=1e-5, atol=1e-5)
+    pm, model = _same_adapter_in_peft_and_loralab(arch, tmp_path)
+    torch.testing.assert_close(logits(unload(model, merge=True)), logits(pm.merge_and_unload()), rtol=1e-5, atol=1e-5)
+    _, model = _same_adapter_in_peft_and_loralab(arch, tmp_path)
+    delete_adapter(model, "default")  # the documented way back to the untouched base head
+    torch.testing.assert_close(logits(unload(model)), logits(tiny(arch)), rtol=0, atol=0)

@@ -361,16 +361,24 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Put the base modules back. ``merge=True`` first merges the active adapters (and keeps the active
-    modules_to_save copies); otherwise the original modules_to_save come back, and only adapters already
-    merged stay in the weights. Parameters keep their requires_grad (frozen after injection)."""
+    """Take the wrappers out, as PEFT's ``unload`` / ``merge_and_unload`` do.
+
+    Each LoRA layer becomes its base module: adapters already merged stay in its weights, unmerged ones
+    are dropped (``merge=True`` first merges the active ones). Each modules_to_save wrapper becomes the
+    active adapter's trained copy (the original only where no adapter with a copy is active), with or
+    without ``merge``: so ``merge_adapters(model); unload(model)`` equals ``unload(model, merge=True)``.
+    For the untouched base head, ``delete_adapter`` first. Parameters keep their requires_grad.
+    """
     if merge:
         for _, layer in lora_modules(model):
             layer.merge([n for n in layer.active_adapters if n not in layer.merged_adapters])
     for name, layer in list(lora_modules(model)):
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
-        _set_submodule(model, name, wrapper.active_module if merge else wrapper.original_module)
+        copies = wrapper.modules_to_save
+        # not wrapper.active_module: a disable_adapters() block in progress must not pick the head
+        keep = copies[wrapper.active_adapter] if wrapper.active_adapter in copies else wrapper.original_module
+        _set_submodule(model, name, keep)
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
