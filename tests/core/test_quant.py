@@ -51,10 +51,12 @@ def _reference_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.T
 
 
 def test_codebooks_and_dynamic_map_equal_bnb():
-    assert torch.equal(QS.codebook("nf4"), F.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(QS.codebook("fp4"), F.get_4bit_type("fp4", device="cpu"))
+    """Bit for bit (torch.equal calls -0.0 equal to +0.0): before the fix FP4's code 8 was -0.0 where bnb's
+    quant_map (saved in every checkpoint) and its CPU decode have +0.0."""
+    for quant_type in ("nf4", "fp4"):
+        assert _bits(QS.codebook(quant_type)) == _bits(F.get_4bit_type(quant_type, device="cpu")), quant_type
     assert QS.codebook("nf4")[7] == 0.0  # NF4's exact zero
-    assert torch.equal(QS.dynamic_map_signed(), F.create_dynamic_map(signed=True))
+    assert _bits(QS.dynamic_map_signed()) == _bits(F.create_dynamic_map(signed=True))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -242,6 +244,51 @@ def test_large_dequantize_steps_tail_and_huge_page_hint_are_bitwise_exact(out_dt
         bits = torch.int32 if out_dtype == torch.float32 else torch.int16
         assert out.dtype == out_dtype and out.shape == w.shape
         assert torch.equal(out.view(bits), expected.view(bits)), quant_type
+
+
+def _bits(t: torch.Tensor) -> list[int]:
+    """fp32 values as their bit patterns: tells +0.0 from -0.0 and 1e-38 from 0 (torch.equal does not)."""
+    return t.float().contiguous().view(torch.int32).tolist()
+
+
+def _zero_block_cases() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(4, 64, generator=g)
+    rows[1], rows[3] = 0.0, -0.0  # whole zero blocks, one of them -0.0
+    tail = torch.randn(100, generator=g)
+    tail[64:] = 0.0  # an all-zero short last block
+    neg_tail = tail.clone()
+    neg_tail[64:] = -0.0
+    tiny_tail = torch.randn(70, generator=g)
+    tiny_tail[64:] = 1e-40  # subnormal short last block: below bnb's 1e-38 clamp
+    return {"zero rows": rows, "zero tail": tail, "-0 tail": neg_tail, "subnormal tail": tiny_tail,
+            "1x1 zero": torch.zeros(1, 1), "1x1 -0": -torch.zeros(1, 1), "1x3 zero": torch.zeros(1, 3),
+            "2x64 zero": torch.zeros(2, 64)}
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("case", list(_zero_block_cases()))
+def test_all_zero_blocks_and_1x1_zero_tensor_match_bnb_bit_for_bit(case, quant_type, double_quant):
+    """bnb stores +0.0 for a whole zero block and clamps the short last block's absmax to 1e-38 (so a 1x1
+    zero tensor's double-quant offset is 1e-38). Before the fix: -0.0, 0.0 and offset 0.0 here."""
+    w = _zero_block_cases()[case]
+    ref_packed, ref = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    packed, state = Q.quantize_4bit(w, quant_type, 64, double_quant)
+    assert torch.equal(packed, ref_packed)
+    if double_quant:
+        assert torch.equal(state.absmax, ref.absmax)
+        assert _bits(state.offset.reshape(1)) == _bits(ref.offset.reshape(1))
+        assert _bits(state.nested_absmax) == _bits(ref.state2.absmax)
+    else:
+        assert _bits(state.absmax) == _bits(ref.absmax)
+    ours = DQ.dequantize_4bit(packed, state).reshape(-1)
+    if w.shape[-1] % 64 == 0 or w.shape[-1] % 2:  # where bnb's CPU decode is right (see the module doc)
+        assert _bits(ours) == _bits(F.dequantize_4bit(ref_packed, ref).reshape(-1))
+    absmax = (F.dequantize_blockwise(ref.absmax, ref.state2) + ref.offset) if double_quant else ref.absmax
+    formula = _reference_dequant(ref_packed, absmax, ref.code, w.numel(), 64)  # bnb's own state, in float64
+    assert _bits(ours) == _bits(formula)
+    assert bool((ours[w.reshape(-1) == 0] == 0).all())
 
 
 def _state_dict_of(w: torch.Tensor, double_quant: bool) -> dict[str, torch.Tensor]:

@@ -11,8 +11,10 @@ back to the code index (FP4 codes are stored in bit-pattern order, with both +0 
 midpoints strictly below ``s`` equals ``bucketize(s, midpoints)``: a value exactly on a midpoint goes to
 the lower code. That tie rule, the reciprocal-multiply for full blocks and the true division for a short
 last block are what bitsandbytes' CPU path does, so packed bytes and absmax are bit-identical to
-``bitsandbytes.functional.quantize_4bit`` (0.50.x) on the CPU. On a GPU, NF4/FP4 follow bnb's CUDA
-kernel instead, whose arithmetic differs in places (quant_cuda.py).
+``bitsandbytes.functional.quantize_4bit`` (0.50.x) on the CPU. So are bnb's all-zero blocks: a whole
+block stores absmax +0.0 (never -0.0), the short last block ``max(absmax, 1e-38)`` (bnb clamps the value
+it divides by and stores it), which also makes the offset of a 1x1 zero tensor 1e-38 (tested). On a GPU,
+NF4/FP4 follow bnb's CUDA kernel instead, whose arithmetic differs in places (quant_cuda.py).
 
 Double quantization (QLoRA): the fp32 absmax vector minus its mean ``offset`` is quantized to 8 bits
 with the signed dynamic map in blocks of 256, each block with its own fp32 scale (nearest code through
@@ -66,7 +68,8 @@ def _quantize_full_blocks(
 ) -> None:
     """Quantize the whole blocks of ``flat`` chunk by chunk into ``packed`` / ``absmax`` (preallocated).
 
-    Exact bnb arithmetic: ``s = w * (1 / max(absmax, 1e-38))`` in fp32, then the nearest code.
+    Exact bnb arithmetic: ``s = w * (1 / max(absmax, 1e-38))`` in fp32, then the nearest code; the stored
+    absmax is the unclamped max |w|, +0.0 for an all-zero block (as bnb's fabs-based max).
     No clamp to [-1, 1] is needed: values past the outermost midpoints land in the end buckets anyway.
     """
     step = max(1, _CHUNK // block_size)
@@ -82,7 +85,7 @@ def _quantize_full_blocks(
             if owned:
                 blocks = blocks.float()  # a fresh copy we may overwrite in place
             lo, hi = torch.aminmax(blocks, dim=1)  # max(-min, max) == max|w| exactly, without a |w| temporary
-            block_max = torch.maximum(hi, lo.neg_())
+            block_max = torch.maximum(hi, lo.neg_()).abs_()  # abs_: a block of -0.0 gives +0.0, not -0.0
             absmax[first:last] = block_max
             scale = block_max.clamp_(min=1e-38).reciprocal_().unsqueeze(1)
             scaled = blocks.mul_(scale) if owned else blocks * scale
@@ -108,11 +111,11 @@ def _quantize_4bit_blocks(flat: torch.Tensor, quant_type: QuantType,
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=flat.device)
     _quantize_full_blocks(flat, block_size, bounds, sort_to_code, packed, absmax[: full // block_size])
-    if full < n:  # short last block: bnb's CPU kernel divides by its absmax instead of multiplying by 1/absmax
-        tail = flat[full:].float()
-        tail_max = tail.abs().max()
+    if full < n:  # short last block: bnb's CPU kernel divides by its absmax instead of multiplying by 1/absmax,
+        tail = flat[full:].float()  # and stores the clamped absmax it divided by (1e-38 for an all-zero tail)
+        tail_max = tail.abs().max().clamp(min=1e-38)
         absmax[-1] = tail_max
-        scaled = tail / tail_max.clamp(min=1e-38)
+        scaled = tail / tail_max
         if scaled.numel() % 2:
             scaled = torch.cat([scaled, scaled.new_zeros(1)])
         codes = _codes_from_scaled(scaled, bounds, sort_to_code, torch.empty_like(scaled, dtype=torch.uint8),

@@ -35,7 +35,8 @@ _NF4 = [
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ]
-# FP4 (1 sign, 2 exponent, 1 mantissa bit, bnb's bias), indexed by bit pattern, divided by its max 12.
+# FP4 (1 sign, 2 exponent, 1 mantissa bit, bnb's bias), indexed by bit pattern, divided by its max 12;
+# the pattern 0b1000 (sign bit alone) is +0.0 in bnb's table, not -0.0.
 _FP4_BITS = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
 
 
@@ -45,7 +46,7 @@ def codebook(quant_type: QuantType) -> torch.Tensor:
         return torch.tensor(_NF4, dtype=torch.float32)
     if quant_type == "fp4":
         magnitudes = torch.tensor(_FP4_BITS, dtype=torch.float32)
-        return torch.cat([magnitudes, -magnitudes]) / 12.0
+        return torch.cat([magnitudes, -magnitudes]) / 12.0 + 0.0  # + 0.0 turns -0.0 into +0.0, as bnb
     if quant_type == "int4":
         # Symmetric integer levels k/7, k = -7..7 at index k+8; index 0 is a spare copy of -1.
         levels = (torch.arange(16, dtype=torch.float32) - 8) / 7
