@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from loralab.core import quant as Q
+from loralab.core import dequant as DQ
+from loralab.core import quant_state as QS
 from loralab.core.config import LoraConfig
 from loralab.core.inject import inject_adapter, lora_modules, merge_adapters, unmerge_adapters
 from loralab.core.linear4bit import Linear4bit, quantize_model
@@ -38,7 +40,7 @@ def _weights(shape, dtype, seed=0):
     return (torch.randn(shape, generator=g) * torch.rand(shape, generator=g) * 3).to(dtype)
 
 
-def _state_tensors(state: Q.QuantState) -> dict[str, torch.Tensor]:
+def _state_tensors(state: QS.QuantState) -> dict[str, torch.Tensor]:
     names = ("absmax", "code", "offset", "nested_absmax", "nested_code")
     return {k: getattr(state, k) for k in names if getattr(state, k, None) is not None}
 
@@ -75,18 +77,18 @@ def test_cuda_quantization_equals_bitsandbytes_cuda_kernels(dtype):
                     if not torch.equal(ours, theirs.to(ours.dtype)):
                         bad = int((ours.reshape(-1) != theirs.reshape(-1).to(ours.dtype)).sum())
                         mismatches.append((case, name, f"{bad} of {ours.numel()}"))
-                ours = Q.dequantize_4bit(ref_packed.view(-1, 1), _loralab_state(ref_state, quant_type), dtype)
+                ours = DQ.dequantize_4bit(ref_packed.view(-1, 1), _loralab_state(ref_state, quant_type), dtype)
                 theirs = F.dequantize_4bit(ref_packed, ref_state)
                 if not torch.equal(ours, theirs):
                     mismatches.append((case, "dequantize", int((ours != theirs).sum())))
-                cpu = Q.dequantize_4bit(packed.cpu(), _state_to(state, "cpu"), torch.float32)
-                if not torch.equal(Q.dequantize_4bit(packed, state, torch.float32).cpu(), cpu):
+                cpu = DQ.dequantize_4bit(packed.cpu(), _state_to(state, "cpu"), torch.float32)
+                if not torch.equal(DQ.dequantize_4bit(packed, state, torch.float32).cpu(), cpu):
                     mismatches.append((case, "GPU decode != CPU decode of the same bytes", None))
     assert not mismatches, mismatches
 
 
-def _state_to(state: Q.QuantState, device) -> Q.QuantState:
-    moved = Q.QuantState(state.quant_type, state.block_size, state.shape, state.dtype, state.absmax.to(device),
+def _state_to(state: QS.QuantState, device) -> QS.QuantState:
+    moved = QS.QuantState(state.quant_type, state.block_size, state.shape, state.dtype, state.absmax.to(device),
                          state.code.to(device))
     if state.double_quant:
         moved.offset, moved.nested_absmax = state.offset.to(device), state.nested_absmax.to(device)
@@ -94,10 +96,10 @@ def _state_to(state: Q.QuantState, device) -> Q.QuantState:
     return moved
 
 
-def _loralab_state(bnb_state, quant_type: str) -> Q.QuantState:
+def _loralab_state(bnb_state, quant_type: str) -> QS.QuantState:
     """bnb's QuantState object as loralab's (same tensors)."""
-    state = Q.QuantState(quant_type, bnb_state.blocksize, tuple(bnb_state.shape), bnb_state.dtype,
-                         bnb_state.absmax, Q.codebook(quant_type).to(bnb_state.absmax.device))
+    state = QS.QuantState(quant_type, bnb_state.blocksize, tuple(bnb_state.shape), bnb_state.dtype,
+                         bnb_state.absmax, QS.codebook(quant_type).to(bnb_state.absmax.device))
     if bnb_state.nested:
         state.offset, state.nested_absmax = bnb_state.offset, bnb_state.state2.absmax
         state.nested_code, state.nested_block_size = bnb_state.state2.code, bnb_state.state2.blocksize

@@ -251,8 +251,11 @@ def test_merge_unmerge_unload_on_model():
     assert type(merged.bert.encoder.layer[0].attention.self.query) is nn.Linear
     assert not hasattr(merged, "lora_configs")
     torch.testing.assert_close(merged(ids).logits, lora_out, rtol=1e-5, atol=1e-5)
-    plain = unload(model)
+    trained_head = model.classifier.modules_to_save["default"]
+    plain = unload(model)  # unmerged: the base weights come back, the trained head stays (as in PEFT)
     assert not any(isinstance(m, (LoraLayer, ModulesToSaveWrapper)) for m in plain.modules())
+    assert plain.classifier is trained_head
+    base.classifier = trained_head
     torch.testing.assert_close(plain(ids).logits, base(ids).logits, rtol=0, atol=1e-6)
 
 

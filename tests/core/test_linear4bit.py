@@ -14,10 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from loralab.core import dequant as DQ
 from loralab.core import quant as Q
-from loralab.core.linear4bit import (Linear4bit, empty_init, load_model_4bit, load_quantized,
-                                     load_quantized_from_safetensors, merge_and_requantize,
-                                     merge_model, merge_to_full_precision, quantize_model, save_quantized)
+from loralab.core import quant_io
+from loralab.core.linear4bit import (Linear4bit, merge_and_requantize, merge_model, merge_to_full_precision,
+                                     quantize_model)
+from loralab.core.quant_io import (empty_init, load_model_4bit, load_quantized, load_quantized_from_safetensors,
+                                   save_quantized)
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -264,6 +267,38 @@ def test_loads_checkpoint_quantized_by_transformers_bitsandbytes(tmp_path):
         torch.testing.assert_close(sharded(IDS).logits, ours(IDS).logits, rtol=0, atol=0)
 
 
+def test_checkpoint_saved_after_an_eval_forward_is_refused_at_load_naming_the_tensor(tmp_path):
+    """transformers + bnb without double quant, saved after an eval-mode forward on CPU, store each absmax as
+    bf16 (blocks per row, out_features). Before the fix load_quantized accepted that and the first forward
+    failed with a shape error; now the load fails, naming the tensor, what was expected and what was found.
+    The same model saved before any eval forward loads and matches bnb (the control)."""
+    _tiny_llama().save_pretrained(tmp_path / "fp")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config,
+                                                               device_map="cpu")
+    theirs.save_pretrained(tmp_path / "good")
+    theirs.eval()
+    with torch.no_grad():
+        theirs(IDS)
+    theirs.save_pretrained(tmp_path / "corrupt")
+    from safetensors.torch import load_file
+    stored = load_file(str(tmp_path / "corrupt" / "model.safetensors"))["model.layers.0.mlp.down_proj.weight.absmax"]
+    assert stored.dtype == torch.bfloat16 and tuple(stored.shape) == (2, 64)  # the corruption this test is about
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "good")
+    with empty_init():
+        ours = transformers.AutoModelForCausalLM.from_config(hf_config)
+    with pytest.raises(ValueError, match=r"model.layers.0.(self_attn|mlp).\w+.weight.absmax: expected float32 of "
+                                         r"shape \(\d+,\) .*found bfloat16 of shape \(\d+, \d+\)\. This is the layout"):
+        load_quantized(ours, tmp_path / "corrupt")
+    with empty_init():
+        ours = transformers.AutoModelForCausalLM.from_config(hf_config)
+    load_quantized(ours, tmp_path / "good")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "good", device_map="cpu").train()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, reference(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_transformers_loads_what_loralab_saves(tmp_path):
     reference = _tiny_llama()
     model = quantize_model(_tiny_llama(), "nf4", double_quant=True)
@@ -300,7 +335,7 @@ def test_streaming_loader_never_materializes_full_precision_linears(tmp_path, mo
         assert all(p.is_meta for p in state["model"].parameters())
         return state["model"]
 
-    monkeypatch.setattr(Q, "quantize_4bit", spying_quantize)
+    monkeypatch.setattr(quant_io, "quantize_4bit", spying_quantize)
     model = load_model_4bit(tmp_path / "fp", build, "nf4", double_quant=True)
     assert len(seen) == 14 and set(seen) == {0}  # no full-precision Linear weight ever materialized
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
@@ -362,7 +397,7 @@ def test_merge_model_over_qlora_llama():
 
 
 def test_cached_dequantize_is_bit_identical_and_released(monkeypatch):
-    from loralab.core import quant as Q
+    from loralab.core import linear4bit
     from loralab.core.linear4bit import Linear4bit, cached_dequantize
 
     torch.manual_seed(0)
@@ -371,8 +406,8 @@ def test_cached_dequantize_is_bit_identical_and_released(monkeypatch):
     x = torch.randn(5, 64)
     expected = model(x)
     calls = []
-    original = Q.dequantize_4bit
-    monkeypatch.setattr(Q, "dequantize_4bit", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    original = linear4bit.dequantize_4bit
+    monkeypatch.setattr(linear4bit, "dequantize_4bit", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     with cached_dequantize(model):
         first, second = model(x), model(x)
     assert len(calls) == 2  # one rebuild per layer for the whole block, not per call

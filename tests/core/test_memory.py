@@ -126,12 +126,12 @@ def test_streamed_4bit_model_with_tied_embeddings_counts_embedding_once(tmp_path
     """bf16 checkpoint streamed into an fp32 meta model: the tied lm_head must stay the embedding
     (one fp32 copy), not become a second converted copy."""
     transformers = pytest.importorskip("transformers")
-    linear4bit = pytest.importorskip("loralab.core.linear4bit")
+    quant_io = pytest.importorskip("loralab.core.quant_io")
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                       tie_word_embeddings=True)
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
-    model = linear4bit.load_model_4bit(
+    model = quant_io.load_model_4bit(
         tmp_path, lambda: transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     model.requires_grad_(False)
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loralab.core import dequant as DQ
 from loralab.core import native
 from loralab.core import quant as Q
 from loralab.core.linear4bit import Linear4bit
@@ -16,8 +17,8 @@ HAVE_CC = native._compiler() is not None
 
 def _decode_both(packed, state, dtype=torch.float32):
     with native.disabled():
-        reference = Q.dequantize_4bit(packed, state, dtype)
-    return Q.dequantize_4bit(packed, state, dtype), reference
+        reference = DQ.dequantize_4bit(packed, state, dtype)
+    return DQ.dequantize_4bit(packed, state, dtype), reference
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine: the pure-torch decode is used")
@@ -85,10 +86,10 @@ def test_no_compiler_warns_once_and_falls_back(tmp_path, monkeypatch):
     w = torch.randn(33, 64)
     packed, state = Q.quantize_4bit(w, "nf4", 64, True)
     with pytest.warns(UserWarning, match="native 4-bit decode unavailable.*pure-torch decode"):
-        out = Q.dequantize_4bit(packed, state)
+        out = DQ.dequantize_4bit(packed, state)
     assert native.status().startswith("unavailable:") and "no-such-cc" in native.status()
     with native.disabled():
-        assert torch.equal(out, Q.dequantize_4bit(packed, state))
+        assert torch.equal(out, DQ.dequantize_4bit(packed, state))
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from loralab.core import quant as Q
+from loralab.core import quant_state as QS
 from loralab.core import quant_cuda as QC
 
 f32 = np.float32
@@ -90,7 +90,7 @@ def test_4bit_codes_equal_the_kernel_decision_tree(quant_type, tree, thresholds)
 
 
 def test_8bit_codes_equal_the_kernel_binary_search():
-    code = Q.dynamic_map_signed().numpy()
+    code = QS.dynamic_map_signed().numpy()
     mids = (code[:-1] + code[1:]) * f32(0.5)
     x = np.concatenate([code, mids, np.nextafter(mids, f32(2)), np.nextafter(mids, f32(-2)),
                         np.random.default_rng(1).uniform(-1, 1, 5000).astype(f32)])
@@ -102,7 +102,7 @@ def test_8bit_codes_equal_the_kernel_binary_search():
 
 
 def test_8bit_all_zero_block_gets_code_zero_and_blocks_scale_separately():
-    code = Q.dynamic_map_signed()
+    code = QS.dynamic_map_signed()
     values = torch.cat([torch.zeros(256), torch.linspace(-3, 2, 256), torch.tensor([0.5, -0.25])])
     q, absmax = QC.quantize_8bit_blocks(values, code, block_size=256)
     assert absmax.tolist() == [0.0, 3.0, 0.5] and q.dtype == torch.uint8 and q.numel() == values.numel()

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loralab.core.config import LoraConfig
-from loralab.core.inject import inject_adapter, lora_modules, mark_trainable
+from loralab.core.inject import _leaf_modules, _suffix_match, inject_adapter, lora_modules, mark_trainable
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -48,12 +48,14 @@ PEFT_NEUTRAL = {
 ANY_VALUE = {"fan_in_fan_out", "inference_mode", "revision", "auto_mapping", "megatron_core", "peft_version",
              "qalora_group_size", "ensure_weight_tying"}
 FUSED_KEY = "loralab_fused_qkv"
+# Parameter-name components of adapter tensors (everything else in a file must be a trained bias).
+ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")
 
 
 def _file_key(param_name: str, adapter: str) -> str | None:
     """In-memory parameter name -> PEFT file key, or None when it belongs to another adapter."""
     parts = param_name.split(".")
-    for marker in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save"):
+    for marker in ADAPTER_MARKERS:
         if marker in parts:
             i = parts.index(marker)
             if parts[i + 1] != adapter:
@@ -77,8 +79,7 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     lora_paths = {name for name, _ in lora_modules(model)}
     for name, p in model.named_parameters():
         parts = name.split(".")
-        is_adapter = any(m in parts for m in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                                              "modules_to_save"))
+        is_adapter = any(m in parts for m in ADAPTER_MARKERS)
         is_bias = parts[-1] == "bias" and not is_adapter and "original_module" not in parts
         if is_bias and cfg.bias == "lora_only":
             is_bias = name.removesuffix(".base_layer.bias") in lora_paths and name.endswith(".base_layer.bias")
@@ -111,7 +112,9 @@ def _atomic_write_dir(directory: Path, config: dict, tensors: dict[str, torch.Te
     tmp_w = directory / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp_w), metadata={"format": "pt"})
     tmp_c = directory / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
+    # Top-level keys sorted; nested dicts keep their order: rank_pattern / alpha_pattern are first-match
+    # lists (PEFT's rule), which sort_keys=True would reorder and so change which key wins on reload.
+    tmp_c.write_text(json.dumps({k: config[k] for k in sorted(config)}, indent=2))
     os.replace(tmp_w, directory / WEIGHTS_NAME)
     os.replace(tmp_c, directory / CONFIG_NAME)
 
@@ -171,14 +174,16 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     if getattr(model, "lora_configs", None) and adapter_name in model.lora_configs:
         raise ValueError(f"the model already has an adapter {adapter_name!r}; load under another adapter_name")
     saved = load_file(str(weights))
-    cfg.modules_to_save = [m for m in (cfg.modules_to_save or [])
-                           if any(k.startswith(PREFIX) and _under_module(k, m) for k in saved)] or None
+    cfg.modules_to_save = _modules_to_save_in_file(model, cfg.modules_to_save, saved, directory)
     inject_adapter(model, cfg, adapter_name)
     expected = {}
     for name, p in model.named_parameters():
         key = _file_key(name, adapter_name)
-        if key is not None and (any(m in name.split(".") for m in ("lora_A", "lora_B", "lora_embedding_A",
-                                "lora_embedding_B", "modules_to_save")) or key in saved):
+        if key is None:
+            continue
+        parts = name.split(".")
+        trained_bias = cfg.bias != "none" and parts[-1] == "bias" and "original_module" not in parts
+        if any(m in parts for m in ADAPTER_MARKERS) or (trained_bias and key in saved):
             expected[key] = p
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
@@ -205,8 +210,31 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
 
 
 def _under_module(key: str, module_suffix: str) -> bool:
-    path = key.removeprefix(PREFIX)
-    return re.search(rf"(^|\.){re.escape(module_suffix)}\.[^.]+$", path) is not None
+    """Whether file ``key`` is a tensor inside a module named ``module_suffix`` (at any depth: RoBERTa's
+    classifier holds ``dense`` and ``out_proj``, so its tensors are ``classifier.dense.weight`` etc.)."""
+    return key.startswith(PREFIX) and re.search(rf"(^|\.){re.escape(module_suffix)}\.", key[len(PREFIX):]) is not None
+
+
+def _modules_to_save_in_file(model: nn.Module, names: list[str] | None, saved: dict[str, torch.Tensor],
+                             directory: Path) -> list[str] | None:
+    """The ``modules_to_save`` entries the adapter file really carries.
+
+    PEFT writes its task's default head names into the config whether the model has them or not
+    (SEQ_CLS: "classifier" and "score"), so an entry naming no module of ``model`` and no tensor of the
+    file is dropped. An entry naming a module of ``model`` but no tensor of the file is refused: loading
+    would silently keep the untrained head.
+    """
+    keep = []
+    for entry in dict.fromkeys(names or []):
+        in_model = [n for n, _ in _leaf_modules(model) if n and _suffix_match(n, entry)]
+        in_file = any(_under_module(k, entry) for k in saved)
+        if in_model and not in_file:
+            raise ValueError(f"adapter {directory}: modules_to_save entry {entry!r} is {in_model} in this "
+                             f"{type(model).__name__}, but {WEIGHTS_NAME} holds no tensor under it; the file "
+                             "does not belong to this model, or was saved without its head")
+        if in_file:
+            keep.append(entry)  # a name the model lacks fails in inject_adapter, naming the entry
+    return keep or None
 
 
 def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
@@ -216,7 +244,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = "de
     tensors = adapter_state_dict(model, adapter_name)
     config = _config_json(model, cfg)
     config.pop(FUSED_KEY, None)
-    rank_pattern, alpha_pattern = dict(cfg.rank_pattern), dict(cfg.alpha_pattern)
+    rank_pattern, alpha_pattern = {}, {}  # the exact per-layer keys go first: PEFT takes the first match
     for name, layer in lora_modules(model):
         enable = getattr(layer, "enable", {}).get(adapter_name)
         if enable is None:
@@ -233,6 +261,7 @@ def export_peft(model: nn.Module, directory: str | Path, adapter_name: str = "de
         key = re.escape(name)  # a full-name regex: matches this layer only, here and in PEFT
         rank_pattern[key] = r * k
         alpha_pattern[key] = alpha * (math.sqrt(k) if cfg.use_rslora else k)  # keeps alpha'/r' == scaling
-    config["rank_pattern"], config["alpha_pattern"] = rank_pattern, alpha_pattern
+    config["rank_pattern"] = {**rank_pattern, **{k: v for k, v in cfg.rank_pattern.items() if k not in rank_pattern}}
+    config["alpha_pattern"] = {**alpha_pattern, **{k: v for k, v in cfg.alpha_pattern.items() if k not in alpha_pattern}}
     _atomic_write_dir(Path(directory), config, tensors)
     return Path(directory)

@@ -5,12 +5,13 @@
 its parameters are at ``<path>.modules_to_save.<adapter>.*``), freezes everything else and makes the new
 adapter the single active, trainable one. ``model.lora_configs[name]`` records its config.
 
-Target names (``target_modules``, ``exclude_modules``, ``rank_pattern``/``alpha_pattern`` keys,
-``fused_qkv`` keys, ``modules_to_save``) match whole dotted components: "query" matches
-"encoder.layer.0.attention.self.query" but not "myquery". A plain string ``target_modules`` is a regex
-matched with ``re.fullmatch`` against the full name; "all-linear" takes every Linear/Conv1D except the
-output head (``get_output_embeddings()``, "lm_head", layers sharing the input embedding weight) and
-``modules_to_save``. Keys of the patterns may also be regexes (full match).
+Target names (``target_modules``, ``exclude_modules``, ``fused_qkv`` keys, ``modules_to_save``) match
+whole dotted components: "query" matches "encoder.layer.0.attention.self.query" but not "myquery". A
+plain string ``target_modules`` is a regex matched with ``re.fullmatch`` against the full name;
+"all-linear" takes every Linear/Conv1D except the output head (``get_output_embeddings()``, "lm_head",
+layers sharing the input embedding weight) and ``modules_to_save``. ``rank_pattern`` / ``alpha_pattern``
+keys follow PEFT exactly: a regex matched against a dotted suffix of the name, the first matching key
+winning; a key that matches no adapted layer is refused.
 """
 
 from __future__ import annotations
@@ -66,18 +67,31 @@ def _suffix_match(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def _key_match(name: str, key: str) -> bool:
-    """Whole-component suffix, else a regex over the full name."""
-    if _suffix_match(name, key):
-        return True
+def _pattern_key_match(name: str, key: str, field: str) -> bool:
+    r"""PEFT's rule for ``rank_pattern`` / ``alpha_pattern`` keys: the key is a regex that must match a
+    whole trailing run of dotted components, ``re.match(r"(.*\.)?(key)$", name)``. So "v_proj" and
+    "self_attn.v_proj" are suffixes, and ``layers\.1\.self_attn\.v_proj`` matches
+    "model.layers.1.self_attn.v_proj" (a full match over the whole name would miss it)."""
     try:
-        return re.fullmatch(key, name) is not None
-    except re.error:
-        return False
+        return re.match(rf"(.*\.)?({key})$", name) is not None
+    except re.error as err:
+        raise ValueError(f"LoraConfig.{field} key '{key}' is not a valid regex ({err})") from err
 
 
-def _first_match(name: str, pattern: dict, default):
-    return next((v for k, v in pattern.items() if _key_match(name, k)), default)
+def _first_match(name: str, pattern: dict, default, field: str):
+    """The value of the first key (in the dict's order, as PEFT) that matches ``name``, else ``default``."""
+    return next((v for k, v in pattern.items() if _pattern_key_match(name, k, field)), default)
+
+
+def _check_patterns(config: LoraConfig, names: list[str]) -> None:
+    """A pattern key that matches no adapted layer is a typo that would silently leave r / alpha at the
+    default: refuse it, listing the adapted names to pick from."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field):
+            if not any(_pattern_key_match(n, key, field) for n in names):
+                raise ValueError(f"LoraConfig.{field} key '{key}' matches none of the {len(names)} adapted layers "
+                                 f"(e.g. {names[:3]}); keys are regexes matched, as in PEFT, against a dotted "
+                                 "suffix of the name, e.g. r'layers\\.1\\.self_attn\\.v_proj'")
 
 
 def _names_match(name: str, spec: list[str] | str | None) -> bool:
@@ -212,6 +226,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
             if out % len(enable):
                 raise ValueError(f"fused_qkv[{name!r}]: out_features {out} is not divisible into {len(enable)} slices")
         plan.append((name, module, enable))
+    _check_patterns(config, [name for name, _, _ in plan])
     saved = []
     for key in config.modules_to_save or []:
         found = [(n, m) for n, m in _leaf_modules(model) if n and _suffix_match(n, key)]
@@ -222,8 +237,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         layer = module if isinstance(module, LoraLayer) else _wrap(module)
         layer.update_layer(
             adapter_name,
-            r=_first_match(name, config.rank_pattern, config.r),
-            lora_alpha=_first_match(name, config.alpha_pattern, config.lora_alpha),
+            r=_first_match(name, config.rank_pattern, config.r, "rank_pattern"),
+            lora_alpha=_first_match(name, config.alpha_pattern, config.lora_alpha, "alpha_pattern"),
             lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights,
             use_rslora=config.use_rslora,
@@ -346,16 +361,24 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Put the base modules back. ``merge=True`` first merges the active adapters (and keeps the active
-    modules_to_save copies); otherwise the original modules_to_save come back, and only adapters already
-    merged stay in the weights. Parameters keep their requires_grad (frozen after injection)."""
+    """Take the wrappers out, as PEFT's ``unload`` / ``merge_and_unload`` do.
+
+    Each LoRA layer becomes its base module: adapters already merged stay in its weights, unmerged ones
+    are dropped (``merge=True`` first merges the active ones). Each modules_to_save wrapper becomes the
+    active adapter's trained copy (the original only where no adapter with a copy is active), with or
+    without ``merge``: so ``merge_adapters(model); unload(model)`` equals ``unload(model, merge=True)``.
+    For the untouched base head, ``delete_adapter`` first. Parameters keep their requires_grad.
+    """
     if merge:
         for _, layer in lora_modules(model):
             layer.merge([n for n in layer.active_adapters if n not in layer.merged_adapters])
     for name, layer in list(lora_modules(model)):
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
-        _set_submodule(model, name, wrapper.active_module if merge else wrapper.original_module)
+        copies = wrapper.modules_to_save
+        # not wrapper.active_module: a disable_adapters() block in progress must not pick the head
+        keep = copies[wrapper.active_adapter] if wrapper.active_adapter in copies else wrapper.original_module
+        _set_submodule(model, name, keep)
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model

@@ -1,19 +1,18 @@
-"""Linear4bit: a frozen linear layer stored in 4 bits (QLoRA's base), model conversion, bnb-format I/O.
+"""Linear4bit: a frozen linear layer stored in 4 bits (QLoRA's base), model conversion and merges.
 
 Forward: ``y = x @ dequantize(W4).T + b`` in ``compute_dtype``. The dequantized weight lives only
 inside one forward / backward call: the autograd function keeps a reference to the module, not the
 (out x in) matrix, and rebuilds it in backward (``dx = dy @ W``). There is no weight gradient: the base
 is frozen; LoRA (``LoraLinear(Linear4bit)``) trains A and B on top.
 
-State dicts use bitsandbytes' serialized layout so checkpoints interoperate with transformers +
-bitsandbytes ("*-bnb-4bit" repos): ``<name>.weight`` (packed uint8, shape (ceil(n/2), 1)),
-``<name>.weight.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map`` and
-``.quant_state.bitsandbytes__nf4`` (a JSON blob as uint8), plus ``<name>.bias``.
+State dicts use bitsandbytes' serialized layout (bnb_format.py) so checkpoints interoperate with
+transformers + bitsandbytes ("*-bnb-4bit" repos); a layer built from a state validates it first
+(quant_state.validate_state), so a corrupt file fails at load, naming the tensor.
 
-Model-level tools below: quantize_model (in place, validated first) and the merges
-merge_to_full_precision / merge_and_requantize / merge_model. Checkpoint I/O (save_quantized,
-load_quantized, load_quantized_from_safetensors, load_model_4bit, empty_init) lives in
-``loralab.core.quant_io`` and stays importable from here.
+Model-level tools below: quantize_model (in place, validated first), the merges
+merge_to_full_precision / merge_and_requantize / merge_model, and cached_dequantize. Checkpoint I/O
+(save_quantized, load_quantized, load_quantized_from_safetensors, load_model_4bit, empty_init) is in
+quant_io.py, which builds on this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -24,7 +23,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from loralab.core import quant as Q
+from loralab.core.bnb_format import state_from_bnb_dict, state_to_bnb_dict
+from loralab.core.dequant import dequantize_4bit
+from loralab.core.quant import quantize_4bit
+from loralab.core.quant_state import (QuantState, QuantType, bits_per_param, check_block_size, check_finite_float,
+                                      check_packed, codebook, validate_state)
 from loralab.core.scratch import scratch
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
@@ -36,7 +39,7 @@ def _workspace(module: "Linear4bit") -> torch.Tensor:
     The scratch is only read inside the one matmul that follows."""
     buf = scratch("rebuilt-weight", (module.out_features, module.in_features), module.compute_dtype,
                   module.weight.device)
-    return Q.dequantize_4bit(module.weight, module.quant_state(), module.compute_dtype, out=buf)
+    return dequantize_4bit(module.weight, module.quant_state(), module.compute_dtype, out=buf)
 
 
 class _Dequantized4bitMatmul(torch.autograd.Function):
@@ -60,20 +63,23 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
 class Linear4bit(nn.Module):
     """Frozen 4-bit linear layer. Buffers: ``weight`` (packed uint8) and the quant state; bias frozen."""
 
-    def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, state: Q.QuantState,
-                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, state: QuantState,
+                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32,
+                 name: str = "Linear4bit.weight") -> None:
+        """``name`` (the weight's name in the model) is what errors about a bad ``packed`` / ``state`` say."""
         super().__init__()
         if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
         if tuple(state.shape) != (out_features, in_features):
-            raise ValueError(f"quant state shape {tuple(state.shape)} != (out_features, in_features) "
+            raise ValueError(f"{name}: quant state shape {tuple(state.shape)} != (out_features, in_features) "
                              f"= ({out_features}, {in_features})")
-        Q.check_packed(packed, state, "Linear4bit.weight")
+        validate_state(state, name)
+        check_packed(packed, state, name)
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         self.quant_type, self.block_size, self.weight_dtype = state.quant_type, state.block_size, state.dtype
         self.nested_block_size = state.nested_block_size
-        self.register_buffer("weight", packed.reshape(-1, 1).to(torch.uint8))
+        self.register_buffer("weight", packed.reshape(-1, 1))
         self.register_buffer("absmax", state.absmax)
         self.register_buffer("quant_map", state.code.float())
         nested = state.double_quant
@@ -84,12 +90,12 @@ class Linear4bit(nn.Module):
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: Q.QuantType = "nf4", double_quant: bool = True,
+    def from_linear(cls, linear: nn.Linear, quant_type: QuantType = "nf4", double_quant: bool = True,
                     block_size: int = 64, compute_dtype: torch.dtype = torch.float32,
                     name: str = "linear.weight") -> "Linear4bit":
         """Quantize an nn.Linear's weight (errors name ``name``); the bias is kept in its dtype."""
-        packed, state = Q.quantize_4bit(linear.weight.detach(), quant_type, block_size, double_quant, name=name)
-        return cls(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype)
+        packed, state = quantize_4bit(linear.weight.detach(), quant_type, block_size, double_quant, name=name)
+        return cls(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype, name)
 
     def _apply(self, fn, recurse=True):
         """``.to(device)`` moves the 4-bit state; a dtype cast (``model.half()``, ``.to(bf16)``) must not
@@ -101,8 +107,8 @@ class Linear4bit(nn.Module):
                 self._buffers[key] = original.to(self._buffers[key].device)
         return self
 
-    def quant_state(self) -> Q.QuantState:
-        state = Q.QuantState(self.quant_type, self.block_size, (self.out_features, self.in_features),
+    def quant_state(self) -> QuantState:
+        state = QuantState(self.quant_type, self.block_size, (self.out_features, self.in_features),
                              self.weight_dtype, self.absmax, self.quant_map)
         if self.nested_absmax is not None:
             state.offset, state.nested_absmax = self.offset, self.nested_absmax
@@ -111,7 +117,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out_features, in_features) weight in ``dtype`` (default: compute_dtype)."""
-        return Q.dequantize_4bit(self.weight, self.quant_state(), dtype or self.compute_dtype)
+        return dequantize_4bit(self.weight, self.quant_state(), dtype or self.compute_dtype)
 
     def rebuilt_weight(self) -> torch.Tensor:
         """W in compute_dtype for one matmul: the cached copy inside cached_dequantize(), else rebuilt into a
@@ -120,7 +126,7 @@ class Linear4bit(nn.Module):
         return cached if cached is not None else _workspace(self)
 
     def bits_per_param(self) -> float:
-        return Q.bits_per_param(self.weight, self.quant_state())
+        return bits_per_param(self.weight, self.quant_state())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _Dequantized4bitMatmul.apply(x, self)  # inside cached_dequantize(): the cached W, no rebuild
@@ -133,8 +139,6 @@ class Linear4bit(nn.Module):
 
     # -- bitsandbytes serialized format -------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        from loralab.core.quant_io import state_to_bnb_dict  # lazy: quant_io imports this module
-
         destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
         for key, value in state_to_bnb_dict(self.quant_state()).items():
             destination[prefix + "weight." + key] = value if keep_vars else value.detach()
@@ -143,8 +147,6 @@ class Linear4bit(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        from loralab.core.quant_io import state_from_bnb_dict, state_to_bnb_dict
-
         name = prefix.rstrip(".") or "Linear4bit"
         entries = {k[len(prefix) + len("weight."):]: v for k, v in state_dict.items()
                    if k.startswith(prefix + "weight.")}
@@ -154,7 +156,7 @@ class Linear4bit(nn.Module):
         try:
             state = state_from_bnb_dict(entries, f"{name}.weight")
             fresh = Linear4bit(self.in_features, self.out_features, state_dict[prefix + "weight"], state,
-                               state_dict.get(prefix + "bias"), self.compute_dtype)
+                               state_dict.get(prefix + "bias"), self.compute_dtype, f"{name}.weight")
         except (ValueError, TypeError) as err:
             error_msgs.append(str(err))
             return
@@ -181,7 +183,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def quantize_model(model: nn.Module, quant_type: Q.QuantType = "nf4", double_quant: bool = True,
+def quantize_model(model: nn.Module, quant_type: QuantType = "nf4", double_quant: bool = True,
                    skip_modules=("lm_head",), compute_dtype: torch.dtype = torch.float32, block_size: int = 64,
                    skip=None) -> nn.Module:
     """Replace every nn.Linear (except names ending in ``skip_modules``) by a Linear4bit, in place.
@@ -190,14 +192,14 @@ def quantize_model(model: nn.Module, quant_type: Q.QuantType = "nf4", double_qua
     untouched instead of half-converted. ``skip`` is an alias of ``skip_modules``.
     """
     skip_modules = tuple(skip if skip is not None else skip_modules)
-    Q.check_block_size(block_size)
-    Q.codebook(quant_type)  # validates quant_type
+    check_block_size(block_size)
+    codebook(quant_type)  # validates quant_type
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip_modules)]
     for name, linear in targets:
         if linear.weight.is_meta:
             raise ValueError(f"cannot quantize {name}.weight: it is on the meta device (not loaded); "
                              "use load_quantized_from_safetensors for meta models")
-        Q.check_finite_float(linear.weight.detach(), f"{name}.weight")
+        check_finite_float(linear.weight.detach(), f"{name}.weight")
     for name, linear in targets:
         _replace(model, name, Linear4bit.from_linear(linear, quant_type, double_quant, block_size, compute_dtype,
                                                      name=f"{name}.weight"))
@@ -274,20 +276,6 @@ def merge_model(model: nn.Module, requantize: bool = False) -> dict[str, dict]:
                 merged, reports[name] = merge_to_full_precision(module), {}
             _replace(model, name, merged)
     return reports
-
-
-_MOVED_TO_QUANT_IO = ("save_quantized", "load_quantized", "load_quantized_from_safetensors", "load_model_4bit",
-                      "empty_init")
-
-
-def __getattr__(name: str):
-    """Backwards-compatible imports: the model-level I/O now lives in ``loralab.core.quant_io``
-    (imported lazily: quant_io itself imports this module)."""
-    if name in _MOVED_TO_QUANT_IO:
-        from loralab.core import quant_io
-
-        return getattr(quant_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextmanager

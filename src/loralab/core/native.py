@@ -18,7 +18,7 @@ source, the compiler and the machine, written to a temporary name and renamed (t
 safely), then loaded with ctypes, whose calls release the GIL. Nothing is downloaded.
 
 Fallback: no compiler, a failed build, a non-CPU tensor, an unsupported dtype, or ``LORALAB_NATIVE=0``
-all take the pure-torch paths (:mod:`loralab.core.quant`, :mod:`loralab.core.lora_fused`), which are the
+all take the pure-torch paths (:mod:`loralab.core.dequant`, :mod:`loralab.core.lora_fused`), which are the
 reference: each pair gives bit-identical values (tested). A build failure warns once, naming the reason.
 """
 

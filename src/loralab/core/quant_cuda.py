@@ -1,7 +1,7 @@
 """bitsandbytes' *CUDA* quantization arithmetic, used for tensors on a GPU.
 
 bnb's CPU and CUDA kernels do not give the same bytes, so loralab follows the kernel of the device the
-tensor is on: quantize.py reproduces the CPU kernel, this module the CUDA one (bnb 0.50.x
+tensor is on: quant.py reproduces the CPU kernel, this module the CUDA one (bnb 0.50.x
 ``kQuantizeBlockwise`` with ``dQuantizeNF4`` / ``dQuantizeFP4`` / ``dQuantize<0>``). The differences:
 
 - Scaling. Every block, the short last one too, is scaled as ``s = w * r`` with ``r = 1/absmax`` from

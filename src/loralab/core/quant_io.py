@@ -1,7 +1,7 @@
-"""4-bit I/O: bitsandbytes' serialized format, bnb-format checkpoints and streaming 4-bit loading.
+"""4-bit model I/O: bnb-format checkpoints and streaming 4-bit loading.
 
-- ``state_to_bnb_dict`` / ``state_from_bnb_dict``: one QuantState <-> bnb's tensors (also importable
-  from ``loralab.core.quant``; Linear4bit's state-dict hooks use them).
+One tensor's serialized quant state is in bnb_format.py (Linear4bit's state-dict hooks use it too);
+this module builds on linear4bit.py, which never imports it.
 
 - ``save_quantized`` / ``load_quantized``: ``model.safetensors`` in bnb's serialized layout (each
   Linear4bit as ``<name>.weight`` packed uint8 + ``.absmax``, ``.quant_map``, ``.nested_*``,
@@ -11,8 +11,7 @@
   (``empty_init``) and stream a checkpoint into it tensor by tensor, quantizing each Linear weight as it
   arrives, so the full-precision model never exists in memory.
 
-torch + safetensors only (core never imports transformers). These names are also importable from
-``loralab.core.linear4bit``, where they used to live.
+torch + safetensors only (core never imports transformers).
 """
 
 from __future__ import annotations
@@ -23,80 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loralab.core import quant as Q
+from loralab.core.bnb_format import state_from_bnb_dict
 from loralab.core.linear4bit import Linear4bit, _replace, _skipped
-
-
-# -- bnb's serialized quant state (one tensor) -----------------------------------------------------
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def state_to_bnb_dict(state: Q.QuantState) -> dict[str, torch.Tensor]:
-    """bnb's packed serialized layout, keys relative to ``<module>.weight.``.
-
-    absmax, quant_map, [nested_absmax, nested_quant_map,] quant_state.bitsandbytes__<type>: a JSON blob
-    (as a uint8 tensor) with quant_type, blocksize, dtype, shape [, nested_blocksize, nested_dtype,
-    nested_offset].
-    """
-    if state.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"bitsandbytes has no {state.quant_type!r} format; only nf4 and fp4 can be saved")
-    meta: dict = {"quant_type": state.quant_type, "blocksize": state.block_size,
-                  "dtype": _dtype_name(state.dtype), "shape": list(state.shape)}
-    tensors = {"absmax": state.absmax, "quant_map": state.code.clone()}
-    if state.double_quant:
-        tensors["nested_absmax"] = state.nested_absmax
-        tensors["nested_quant_map"] = state.nested_code.clone()
-        meta.update(nested_blocksize=state.nested_block_size, nested_dtype="float32",
-                    nested_offset=float(state.offset.item()))
-    blob = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-    tensors[f"quant_state.bitsandbytes__{state.quant_type}"] = blob
-    return tensors
-
-
-def state_from_bnb_dict(entries: dict[str, torch.Tensor], name: str) -> Q.QuantState:
-    """Inverse of ``state_to_bnb_dict``; ``entries`` keyed relative to ``<name>.``; errors name the tensor."""
-    blobs = [k for k in entries if k.startswith("quant_state.bitsandbytes__")]
-    if len(blobs) != 1:
-        raise ValueError(f"{name}: expected exactly one 'quant_state.bitsandbytes__nf4|fp4' entry, found {blobs}")
-    try:
-        meta = json.loads(bytes(entries[blobs[0]].to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{name}.{blobs[0]}: not a valid JSON quant-state blob ({err})") from err
-    for key in ("quant_type", "blocksize", "dtype", "shape"):
-        if key not in meta:
-            raise ValueError(f"{name}.{blobs[0]}: quant state lacks {key!r}")
-    for key in ("absmax", "quant_map"):
-        if key not in entries:
-            raise ValueError(f"{name}.{key} is missing from the checkpoint (4-bit weight without its scales)")
-    quant_type = meta["quant_type"]
-    if quant_type not in ("nf4", "fp4") or blobs[0] != f"quant_state.bitsandbytes__{quant_type}":
-        raise ValueError(f"{name}: quant_type {quant_type!r} inconsistent with entry {blobs[0]!r}")
-    Q.check_block_size(int(meta["blocksize"]), f"{name} blocksize")
-    state = Q.QuantState(quant_type, int(meta["blocksize"]), tuple(int(d) for d in meta["shape"]),
-                       getattr(torch, meta["dtype"]), entries["absmax"], entries["quant_map"].float())
-    n_blocks = -(-state.numel // state.block_size)
-    if "nested_absmax" in entries or "nested_offset" in meta:
-        for key in ("nested_absmax", "nested_quant_map"):
-            if key not in entries:
-                raise ValueError(f"{name}.{key} is missing but the quant state is double-quantized")
-        if "nested_offset" not in meta:
-            raise ValueError(f"{name}: nested_offset missing from the quant-state blob")
-        state.nested_absmax = entries["nested_absmax"].float()
-        state.nested_code = entries["nested_quant_map"].float()
-        state.nested_block_size = int(meta.get("nested_blocksize", Q.NESTED_BLOCK_SIZE))
-        state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
-        if state.absmax.dtype != torch.uint8:
-            raise ValueError(f"{name}.absmax must be uint8 codes when double-quantized, got {state.absmax.dtype}")
-        want = -(-n_blocks // state.nested_block_size)
-        if state.nested_absmax.numel() != want:
-            raise ValueError(f"{name}.nested_absmax has {state.nested_absmax.numel()} values, expected {want}")
-    if state.absmax.numel() != n_blocks:
-        raise ValueError(f"{name}.absmax has {state.absmax.numel()} values, expected {n_blocks} "
-                         f"(shape {state.shape}, blocksize {state.block_size})")
-    if state.code.numel() != 16:
-        raise ValueError(f"{name}.quant_map must have 16 values, got {state.code.numel()}")
-    return state
+from loralab.core.quant import quantize_4bit
+from loralab.core.quant_state import QuantState, QuantType, check_block_size, codebook
 
 
 # -- whole models ------------------------------------------------------------------------------------
@@ -190,7 +119,7 @@ def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: Q.QuantType = "nf4",
+def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: QuantType = "nf4",
                                     double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
                                     skip_modules=("lm_head",), block_size: int = 64, quantize: bool = True,
                                     strict: bool = True) -> nn.Module:
@@ -204,8 +133,8 @@ def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: Q.
     Tied parameters (one tensor under several names) are filled once for all names. Afterwards nothing
     may be left on the meta device; ``strict`` also rejects checkpoint keys the model lacks.
     """
-    Q.check_block_size(block_size)
-    Q.codebook(quant_type)
+    check_block_size(block_size)
+    codebook(quant_type)
     getters = _checkpoint_getters(checkpoint)
     marker = ".weight.quant_state.bitsandbytes__"
     prequantized = {k.split(marker)[0] for k in getters if marker in k}
@@ -225,7 +154,7 @@ def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: Q.
     targets = {n for n, m in modules.items() if isinstance(m, nn.Linear) and not _skipped(n, skip_modules)}
     unexpected: list[str] = []
 
-    def install(name: str, packed: torch.Tensor, state: Q.QuantState) -> None:
+    def install(name: str, packed: torch.Tensor, state: QuantState) -> None:
         linear = modules.get(name)
         if not isinstance(linear, (nn.Linear, Linear4bit)):
             raise ValueError(f"{name}.weight is 4-bit in the checkpoint but {name} is "
@@ -233,8 +162,8 @@ def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: Q.
         if tuple(state.shape) != (linear.out_features, linear.in_features):
             raise ValueError(f"{name}.weight: quant state shape {tuple(state.shape)} does not match the model's "
                              f"({linear.out_features}, {linear.in_features})")
-        Q.check_packed(packed, state, f"{name}.weight")
-        new = Linear4bit(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype)
+        new = Linear4bit(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype,
+                         f"{name}.weight")  # validates packed and state, naming the tensor
         _replace(model, name, new)
         modules[name] = new
         owners[f"{name}.bias"] = [(new, "bias")]
@@ -249,7 +178,7 @@ def load_quantized_from_safetensors(model: nn.Module, checkpoint, quant_type: Q.
             install(mod_name, get(), state_from_bnb_dict(entries, key))
         elif attr == "weight" and quantize and mod_name in targets:
             dtype = modules[mod_name].weight.dtype
-            packed, state = Q.quantize_4bit(get().to(dtype), quant_type, block_size, double_quant, name=key)
+            packed, state = quantize_4bit(get().to(dtype), quant_type, block_size, double_quant, name=key)
             install(mod_name, packed, state)
         elif key in owners:
             value, first = get(), None
@@ -317,7 +246,7 @@ class empty_init:
         nn.Module.register_parameter = self._original
 
 
-def load_model_4bit(model_dir, build_model, quant_type: Q.QuantType = "nf4", double_quant: bool = True,
+def load_model_4bit(model_dir, build_model, quant_type: QuantType = "nf4", double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.float32, skip_modules=("lm_head",),
                     block_size: int = 64) -> nn.Module:
     """Build ``build_model()`` under ``empty_init()`` and stream ``model_dir`` into it in 4 bits.

@@ -57,7 +57,7 @@ def load_4bit(path: Path, auto: Any, kind: str, *, quantize: str, double_quant: 
     """
     from transformers import AutoConfig, GenerationConfig
 
-    from loralab.core.linear4bit import empty_init, load_quantized_from_safetensors
+    from loralab.core.quant_io import empty_init, load_quantized_from_safetensors
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, **config_kwargs)
     with empty_init():
