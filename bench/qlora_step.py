@@ -136,7 +136,7 @@ def _load_loralab_4bit(ckpt: Path, dtype):
     weight is quantized as it is read, so no full-precision copy of the linears ever exists."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from loralab.core.linear4bit import load_model_4bit
+    from loralab.core.quant_io import load_model_4bit
 
     config = AutoConfig.from_pretrained(ckpt)
     return load_model_4bit(ckpt, lambda: AutoModelForCausalLM.from_config(config, dtype=dtype),

@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 
 from loralab.core import native
+from loralab.core import dequant as D
 from loralab.core import quant as Q
+from loralab.core import quant_state as S
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quant.json"
 
@@ -64,11 +66,11 @@ def _bnb_bits(packed: torch.Tensor, state) -> float:
 
 def _without_huge_pages(fn, *args):
     """Run with the huge-page output hint off: what the decoding itself costs next to bnb."""
-    Q.HUGE_PAGE_OUTPUT = False
+    D.HUGE_PAGE_OUTPUT = False
     try:
         return fn(*args)
     finally:
-        Q.HUGE_PAGE_OUTPUT = True
+        D.HUGE_PAGE_OUTPUT = True
 
 
 def _pure_torch(fn, *args):
@@ -87,7 +89,7 @@ def bench_135m_shapes(rounds: int, calls: int = 50) -> dict:
         ref_packed, ref_state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
         packed, state = Q.quantize_4bit(weight, "nf4", 64, double_quant=True)
         buf = torch.empty(shape)
-        assert torch.equal(Q.dequantize_4bit(packed, state, out=buf), F.dequantize_4bit(ref_packed, ref_state))
+        assert torch.equal(D.dequantize_4bit(packed, state, out=buf), F.dequantize_4bit(ref_packed, ref_state))
         cases.append((ref_packed, ref_state, packed, state, buf))
 
     def run(kind: str) -> None:
@@ -96,7 +98,7 @@ def bench_135m_shapes(rounds: int, calls: int = 50) -> dict:
                 if kind == "bnb":
                     F.dequantize_4bit(ref_packed, ref_state)
                 else:
-                    Q.dequantize_4bit(packed, state, out=buf)
+                    D.dequantize_4bit(packed, state, out=buf)
 
     fns = {"bnb": lambda: run("bnb"), "loralab": lambda: run("loralab"),
            "loralab_pure_torch": lambda: _pure_torch(run, "loralab")}
@@ -116,14 +118,14 @@ def bench_dtype(dtype: torch.dtype, size: int, rounds: int) -> dict:
     packed, state = Q.quantize_4bit(weight, "nf4", 64, double_quant=True)
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
     assert torch.equal(state.nested_absmax, ref_state.state2.absmax) and torch.equal(state.offset, ref_state.offset)
-    assert torch.equal(Q.dequantize_4bit(packed, state), F.dequantize_4bit(ref_packed, ref_state))
+    assert torch.equal(D.dequantize_4bit(packed, state), F.dequantize_4bit(ref_packed, ref_state))
 
     quant = {"bnb": lambda: F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True),
              "loralab": lambda: Q.quantize_4bit(weight, "nf4", 64, double_quant=True)}
     dequant = {"bnb": lambda: F.dequantize_4bit(ref_packed, ref_state),
-               "loralab": lambda: Q.dequantize_4bit(packed, state),
-               "loralab_no_hugepages": lambda: _without_huge_pages(Q.dequantize_4bit, packed, state),
-               "loralab_pure_torch": lambda: _pure_torch(Q.dequantize_4bit, packed, state)}
+               "loralab": lambda: D.dequantize_4bit(packed, state),
+               "loralab_no_hugepages": lambda: _without_huge_pages(D.dequantize_4bit, packed, state),
+               "loralab_pure_torch": lambda: _pure_torch(D.dequantize_4bit, packed, state)}
     out = {}
     for op, fns in (("quantize", quant), ("dequantize", dequant)):
         times = _interleaved(fns, rounds)
@@ -135,10 +137,10 @@ def bench_dtype(dtype: torch.dtype, size: int, rounds: int) -> dict:
                 out[op].update({f"loralab{suffix}_median_s": statistics.median(times[name]),
                                 f"median_ratio_bnb_over_loralab{suffix}": statistics.median(ratios),
                                 f"ratios{suffix}": [round(x, 3) for x in ratios]})
-    out["bits_per_param_dq"] = Q.bits_per_param(packed, state)
+    out["bits_per_param_dq"] = S.bits_per_param(packed, state)
     out["bnb_bits_per_param_dq"] = _bnb_bits(ref_packed, ref_state)
     plain_packed, plain_state = Q.quantize_4bit(weight, "nf4", 64, double_quant=False)
-    out["bits_per_param"] = Q.bits_per_param(plain_packed, plain_state)
+    out["bits_per_param"] = S.bits_per_param(plain_packed, plain_state)
     return out
 
 
@@ -177,7 +179,7 @@ def main() -> None:
         "workload": f"{size}x{size} NF4, block 64, double quant; bit-identical outputs checked before timing",
         "quick": args.quick, "rounds": rounds, "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_at_start": load_at_start,
-        "load_avg_at_end": os.getloadavg(), "huge_page_hint": Q.HUGE_PAGE_OUTPUT,
+        "load_avg_at_end": os.getloadavg(), "huge_page_hint": D.HUGE_PAGE_OUTPUT,
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "details": dict(results, shapes_135m=small),
     }
