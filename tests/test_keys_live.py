@@ -23,9 +23,13 @@ def tiny_dirs(tmp_path_factory):
     return dirs
 
 
+ON_EVENT = {"train.nan_policy": "read when a loss is not finite; tests/engine/test_trainer.py runs both policies"}
+"""Keys read only when something happens in training (and tested where it does)."""
+
+
 def _reads(overrides, out_dir, monkeypatch):
-    cfg = load_config(None, [*overrides, f"out_dir={out_dir}", "train.max_steps=2", "train.batch_size=4",
-                             "train.quiet=true", "train.tensorboard=false"])
+    cfg = load_config(None, [f"out_dir={out_dir}", "train.max_steps=2", "train.batch_size=4",
+                             "train.quiet=true", "train.tensorboard=false", *overrides])
     monkeypatch.setattr(Section, "reads", set())
     _, results = run_training(cfg)
     reads = set(Section.reads)
@@ -42,11 +46,13 @@ def test_every_key_is_read_by_some_run(tiny_dirs, tmp_path, monkeypatch):
                             for i in range(2)))
     runs = [
         ["experiment=glue", f"model.name={tiny_dirs['bert']}", "data.task=rte", "data.train_samples=16",
-         "data.eval_samples=8", "lora.rank_pattern={query: 4}", "lora.alpha_pattern={value: 4}"],
+         "data.eval_samples=8", "lora.rank_pattern={query: 4}", "lora.alpha_pattern={value: 4}",
+         "train.max_steps=0", "train.epochs=0.5"],
         ["experiment=e2e", f"model.name={tiny_dirs['llama']}", "data.train_samples=8", "data.eval_samples=2",
+         "data.max_length=512",
          "generate.num_beams=2", "generate.max_new_tokens=4"],
         ["experiment=instruct", f"model.name={tiny_dirs['llama']}", "model.quantize=nf4", "model.quant_block_size=32",
-         "model.gradient_checkpointing=true", "data.train_samples=8", f"data.eval_file={held}", "data.packing=true",
+         "model.gradient_checkpointing=true", "data.train_samples=8", f"data.eval_file={held}", "data.packing=true", "data.loss_on=all",
          "lora.target_modules=all-linear", "lora.exclude_modules=[lm_head]", "generate.num_beams=1",
          "generate.do_sample=true", "generate.max_new_tokens=4", "generate.batch_size=2"],
     ]
@@ -56,7 +62,7 @@ def test_every_key_is_read_by_some_run(tiny_dirs, tmp_path, monkeypatch):
         read_by[experiment] = reads
         data_keys = {k for k in all_keys(experiment) if k.startswith("data.")}
         assert data_keys - reads == set(), f"{experiment} never reads {sorted(data_keys - reads)}"
-    everything = set().union(*read_by.values())
+    everything = set().union(*read_by.values()) | set(ON_EVENT)
     shared = {k for k in all_keys() if k.split(".")[0] in ("model", "lora", "train", "generate")}
     assert shared - everything == set(), f"keys no experiment reads: {sorted(shared - everything)}"
     for experiment in ("e2e", "instruct"):  # both generate: each must honour the whole section

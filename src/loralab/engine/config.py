@@ -182,10 +182,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     overrides = list(overrides or [])
     # only `preset` and `experiment` are read before the schema is known; every item is parsed (typed) below
     raw = [(k.strip().lstrip("-"), v.strip()) for k, _, v in (item.partition("=") for item in overrides)]
-    presets = {preset} - {None} | {v for k, v in raw if k == "preset"}
+    presets = {preset} - {None} | {v for k, v in raw if k == "preset" and v not in ("", "null", "None", "~")}
     file_layer: dict = read_yaml(path) if path is not None else {}
-    if "preset" in file_layer:
-        presets.add(str(file_layer.pop("preset")))
+    if file_layer.get("preset") is not None:
+        presets.add(str(file_layer["preset"]))
+    file_layer.pop("preset", None)
     if len(presets) > 1:
         raise ConfigError(f"several presets given ({', '.join(sorted(presets))}); choose one")
     preset_layer = get_preset(next(iter(presets))) if presets else {}

@@ -79,8 +79,9 @@ def _list_keys(preset: str | None, config: str | None, fixed: list[str]) -> set[
     return out
 
 
-def _run_one(argv: list[str], log: Path, threads: int) -> int:
+def _run_one(argv: list[str], log: Path, threads: int, echo: Any) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    echo(f"sweep: {log.stem} started ({threads} thread{'s' if threads > 1 else ''}; log {log})")
     with open(log, "a") as fh:
         return subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL).returncode
 
@@ -179,9 +180,7 @@ def run_sweep(out: str | Path, preset: str | None, items: list[str], seeds: list
     threads = max(1, (os.cpu_count() or 1) // jobs)
     failed = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_run_one, argv, out / "logs" / f"{d.name}.log", threads): d for d, argv in todo}
-        for d in todo:
-            echo(f"sweep: {d[0].name} started")
+        futures = {pool.submit(_run_one, argv, out / "logs" / f"{d.name}.log", threads, echo): d for d, argv in todo}
         for future in concurrent.futures.as_completed(futures):
             run_dir, code = futures[future], future.result()
             echo(f"sweep: {run_dir.name} " + ("finished" if code == 0 else f"FAILED (exit {code}); log: "

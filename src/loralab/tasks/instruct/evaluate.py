@@ -27,8 +27,8 @@ STUDY_MAX_NEW_TOKENS = 48
 def evaluate_run(built: Built, fit: Any, run_dir: str | Path | None) -> dict[str, Any]:
     from loralab.core.inject import disable_adapters, lora_modules, trainable_report
     from loralab.core.memory import memory_report
-    from loralab.tasks.instruct import eval as ev
-    from loralab.tasks.instruct import summary as qs
+    import loralab.tasks.instruct.eval as ev
+    import loralab.tasks.instruct.summary as qs
 
     cfg, model, tokenizer = built.state["cfg"], built.model, built.state["tokenizer"]
     resources = qs.measure_resources(fit)  # before evaluation: the peak of load + train
