@@ -69,3 +69,17 @@ def test_every_key_is_read_by_some_run(tiny_dirs, tmp_path, monkeypatch):
         generate = {k for k in all_keys(experiment) if k.startswith("generate.")}
         assert generate - read_by[experiment] == set(), f"{experiment} ignores {sorted(generate - read_by[experiment])}"
     assert set(sections_for("glue")) == {"model", "lora", "train", "data"}  # glue reads no generate section
+
+
+def test_quant_block_size_reaches_every_4bit_layer(tiny_dirs):
+    from loralab.core.linear4bit import Linear4bit
+    from loralab.models.zoo import load_from_config
+
+    for block in (32, 128):
+        cfg = load_config(None, ["experiment=instruct", f"model.name={tiny_dirs['llama']}", "model.quantize=nf4",
+                                 f"model.quant_block_size={block}"])
+        model, _ = load_from_config(cfg.model, kind="causal_lm")
+        layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+        assert layers and {m.block_size for m in layers} == {block}
+        n = layers[0].in_features * layers[0].out_features  # one (8-bit, double-quantized) absmax per block
+        assert -(-n // block) in {t.numel() for t in layers[0].buffers()}

@@ -3,7 +3,6 @@ the majority-class baseline, and build() -> baseline() -> fit -> report() end to
 through the runner's results.json) on a tiny BERT and a slice of the shared data."""
 import json
 import math
-import types
 from pathlib import Path
 
 import pytest
@@ -93,14 +92,14 @@ def test_task_collate_pads_to_the_longest_and_types_labels_per_task():
     tok = RecordingTokenizer()
     tok.pad_token_id = 7
     rows = [{"sentence": "a b c", "label": 1}, {"sentence": "a b c d e f", "label": 0}]
-    spec = G.make_task_spec(D.TASKS["sst2"], tok, rows, {"dev": rows}, max_length=32)
+    spec, _ = G.make_task_spec(D.TASKS["sst2"], tok, rows, {"dev": rows}, max_length=32)
     batch = spec.collate([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 1},
                           {"input_ids": [4, 5, 6, 8, 9], "attention_mask": [1] * 5, "labels": 0}])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 7], [4, 5, 6, 8, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
     assert batch["labels"].dtype == torch.long and "token_type_ids" not in batch
     pairs = [{"sentence1": "x", "sentence2": "y z", "label": 3.8}] * 2
-    reg_spec = G.make_task_spec(D.TASKS["stsb"], RecordingTokenizer(), pairs, {"dev": pairs}, max_length=32)
+    reg_spec, _ = G.make_task_spec(D.TASKS["stsb"], RecordingTokenizer(), pairs, {"dev": pairs}, max_length=32)
     reg = reg_spec.collate([{"input_ids": [1], "attention_mask": [1], "labels": 3.8}])
     assert reg["labels"].dtype == torch.float32 and reg["labels"].item() == pytest.approx(3.8)
     assert reg_spec.metric == "pearson" and spec.metric == "accuracy" and spec.greater_is_better
@@ -154,8 +153,8 @@ def _built_for_baseline(key, train_labels, dev_labels):
     """A Built with just what baseline() reads: the task, the training labels, the dev sets."""
     task = D.TASKS[key]
     first = task.eval_splits[0]
-    spec = types.SimpleNamespace(eval_sets={first: [{"input_ids": [1], "labels": y} for y in dev_labels]})
-    return Built(model=None, task=spec, state={"task": task, "train_labels": list(train_labels)})
+    eval_sets = {first: [{"input_ids": [1], "labels": y} for y in dev_labels]}
+    return Built(model=None, task=None, state={"task": task, "train_labels": list(train_labels), "eval_sets": eval_sets})
 
 
 def test_baseline_is_the_majority_class_of_the_training_labels():

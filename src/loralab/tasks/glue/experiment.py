@@ -126,8 +126,9 @@ def evaluate_splits(model: nn.Module, task: GlueTask, eval_sets: dict[str, list[
 
 
 def make_task_spec(task: GlueTask, tokenizer: Any, train: list[dict], eval_sets: dict[str, list[dict]],
-                   max_length: int, eval_batch_size: int = 64) -> TaskSpec:
-    """Tokenized train/dev data, dynamic-padding collate, loss and evaluation for one GLUE task."""
+                   max_length: int, eval_batch_size: int = 64) -> tuple[TaskSpec, dict[str, list[dict]]]:
+    """The TaskSpec (tokenized train data, dynamic-padding collate, loss and evaluation) of one GLUE task,
+    and the tokenized dev sets (kept for the report: no second tokenisation)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = make_collate(pad_id, torch.float32 if task.is_regression else torch.long)
     train_enc = encode_examples(tokenizer, task, train, max_length)
@@ -141,8 +142,7 @@ def make_task_spec(task: GlueTask, tokenizer: Any, train: list[dict], eval_sets:
 
     spec = TaskSpec(train_dataset=train_enc, collate=collate, loss=loss, evaluate=evaluate,
                     metric=MAIN_METRIC[task.key], greater_is_better=True)
-    spec.eval_sets = eval_enc  # type: ignore[attr-defined]  (read back by report: no second tokenisation)
-    return spec
+    return spec, eval_enc
 
 
 # ---------------------------------------------------------------- the experiment
@@ -223,18 +223,18 @@ class GlueExperiment:
             _log(f"warning: full fine-tuning with train.lr={cfg.train.lr:g}; encoders usually diverge above "
                  "~1e-4 (glue-cpu-<task>-full uses 5e-5)")
         info = apply_method(model, cfg.lora, "SEQ_CLS", heads_for(model, cfg.lora.modules_to_save), cfg.model.name)
-        spec = make_task_spec(task, tokenizer, train, evals, cfg.data.max_length,
-                              eval_batch_size=max(32, cfg.train.batch_size))
+        spec, eval_sets = make_task_spec(task, tokenizer, train, evals, cfg.data.max_length,
+                                         eval_batch_size=max(32, cfg.train.batch_size))
         _log(f"{task.dir_name}: {len(train)} train examples, dev sets "
              + ", ".join(f"{s}={len(d)}" for s, d in evals.items()))
         return Built(model, spec, {"cfg": cfg, "task": task, "method": info, "tokenizer": tokenizer,
-                                   "train_labels": [ex["label"] for ex in train]})
+                                   "train_labels": [ex["label"] for ex in train], "eval_sets": eval_sets})
 
     def baseline(self, built: Built) -> Baseline:
         """The majority class of the training labels (regression: their mean) predicted for every dev example."""
         task, labels = built.state["task"], built.state["train_labels"]
         constant = sum(labels) / len(labels) if task.is_regression else Counter(labels).most_common(1)[0][0]
-        dev = next(iter(built.task.eval_sets.values()))
+        dev = next(iter(built.state["eval_sets"].values()))
         metrics = glue_metrics(task.key, [constant] * len(dev), [ex["labels"] for ex in dev])
         kind = "constant predictor (train mean)" if task.is_regression else f"majority class ({constant})"
         return Baseline(score=metrics[MAIN_METRIC[task.key]], kind=kind, metrics=metrics)
@@ -242,10 +242,10 @@ class GlueExperiment:
     def report(self, built: Built, fit: Any, run_dir: str | Path | None) -> Result:
         """Final dev metrics of the model as it is now (the kept-best weights after fit)."""
         cfg, task = built.state["cfg"], built.state["task"]
-        metrics = evaluate_splits(built.model, task, built.task.eval_sets, built.task.collate,
+        metrics = evaluate_splits(built.model, task, built.state["eval_sets"], built.task.collate,
                                   max(32, cfg.train.batch_size))
         main = MAIN_METRIC[task.key]
-        n = len(next(iter(built.task.eval_sets.values())))
+        n = len(next(iter(built.state["eval_sets"].values())))
         base = built.baseline.score if built.baseline else 0.0
         margin = margin_for_rate(base, n) if main == "accuracy" else 2.0 / math.sqrt(max(n, 1))
         info = built.state["method"]
