@@ -204,12 +204,17 @@ def test_resume_reuses_the_run_and_refuses_math_changes(capsys, tmp_path, fake):
 
 
 def test_dry_run_and_presets(capsys, tmp_path, fake):
-    code, out, _ = _run(capsys, "train", "--preset", "quickstart", "--dry-run", "train.lr=1e-4")
+    code, out, _ = _run(capsys, "config", "--preset", "quickstart", "train.lr=1e-4")
     assert code == 0 and fake.built_with is None
     (tmp_path / "p.yaml").write_text(out)
     printed = load_config(tmp_path / "p.yaml")
     assert printed == load_config(None, ["train.lr=1e-4"], preset="quickstart")
     assert printed.train.lr == 1e-4 and printed.experiment == "instruct" and printed.model.quantize == "nf4"
+    code, out, _ = _run(capsys, "train", *F, "--dry-run", "train.lr=2e-4")  # builds, trains nothing
+    assert code == 0 and fake.built_with.train.lr == 2e-4 and fake.fit_kwargs is None
+    counts = json.loads(out.splitlines()[-1])  # nn.Linear(1, 1): weight + bias, both trainable
+    assert counts["trainable"] == counts["total"] == 2 and counts["experiment"] == "fake"
+    assert "lr: 0.0002" in out and not list_runs(tmp_path / "runs")
     code, _, err = _run(capsys, "train", "--preset", "fake-preset", f"out_dir={tmp_path / 'q'}")
     assert code == 0, err
     assert fake.built_with == load_config(None, [f"out_dir={tmp_path / 'q'}"], preset="fake-preset")
@@ -344,6 +349,7 @@ def test_merge_exports_a_model_that_matches_the_adapter_model(capsys, tmp_path, 
     from loralab.core.inject import inject_adapter
     from loralab.models.tiny import tiny_model
 
+    monkeypatch.setitem(E._REGISTRY, "fake", FakeExperiment())
     cfg = load_config(None, [*F, f"out_dir={tmp_path}", "lora.r=4", "lora.lora_alpha=8",
                              "lora.modules_to_save=[classifier]"])
     trained = inject_adapter(tiny_model("bert", "seq_cls", seed=0), cfg.lora.to_lora_config())

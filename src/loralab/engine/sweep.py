@@ -86,9 +86,19 @@ def _run_one(argv: list[str], log: Path, threads: int, echo: Any) -> int:
         return subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL).returncode
 
 
+def _registered_complete(run_dir: Path) -> bool:
+    """The registry says completed (results.json alone can predate a kill before the row was updated)."""
+    from loralab.engine.runs import REGISTRY, get_run
+
+    try:
+        return (run_dir.parent / REGISTRY).is_file() and get_run(run_dir.parent, run_dir.name).status == "completed"
+    except KeyError:
+        return False
+
+
 def _read_run(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "results.json"
-    if not path.is_file():
+    if not path.is_file() or not _registered_complete(run_dir):
         return {"status": "missing" if not run_dir.exists() else "incomplete"}
     res = json.loads(path.read_text())
     return {"status": "completed", "score": res.get("score"), "baseline": (res.get("baseline") or {}).get("score"),
