@@ -129,7 +129,8 @@ class VisionData(DataConfig):
                 f"{self.max_length}")
         for name in ("train_file", "eval_file"):
             require(e, getattr(self, name) is None, name,
-                    "is not read by the vision experiment: put the data set's files in one folder and set data.data_dir")
+                    "is not read by the vision experiment: put the data set's files in one folder and set "
+                    "data.data_dir")
         return e
 
 
@@ -155,7 +156,8 @@ def _dataset_dir(d: VisionData) -> Path:
     if d.dataset == "fashion-mnist":
         return default_fashion_mnist_dir()
     what = {"mnist": "the MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
-            "cifar10": "cifar-10-batches-bin/ (or cifar-10-batches-py/) from https://www.cs.toronto.edu/~kriz/cifar.html"}
+            "cifar10": "cifar-10-batches-bin/ (or cifar-10-batches-py/) from "
+                       "https://www.cs.toronto.edu/~kriz/cifar.html"}
     raise FileNotFoundError(f"data.dataset={d.dataset}: no default location on this machine; set data.data_dir to "
                             f"the folder holding {what[d.dataset]}")
 
@@ -192,7 +194,8 @@ def make_transform(d: VisionData, channels: int, native: int) -> ImageTransform:
     if d.normalization == "imagenet":
         if channels != 3:
             raise VisionConfigError(f"data.normalization=imagenet needs 3 channels; {d.dataset} has {channels} (use "
-                                    "data.normalization=dataset, or 3-channel pretrained weights, which replicate gray)")
+                                    "data.normalization=dataset, or 3-channel pretrained weights, which replicate "
+                                    "gray)")
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         mean, std = DATASET_STATS[d.dataset]
@@ -417,9 +420,10 @@ class VisionExperiment:
         check_method(cfg.lora.method)
         if d.pretrained and not Path(d.pretrained).is_file():
             raise FileNotFoundError(
-                f"data.pretrained={d.pretrained!r}: no such file ({Path(d.pretrained).resolve()}). For the Fashion-MNIST "
-                "presets, run `loralab train --preset vision-fmnist-pretrain --run-dir runs/vision-fmnist-pretrain` "
-                "first, or pass data.pretrained=<run dir>/model.safetensors")
+                f"data.pretrained={d.pretrained!r}: no such file ({Path(d.pretrained).resolve()}). Pass "
+                "data.pretrained=PATH: a ResNet state dict with torchvision's names (vision-cifar10-seed: torchvision's "
+                "ImageNet resnet18-f37072fd.pth); for the vision-fmnist-adapt-* presets run `loralab train --preset "
+                "vision-fmnist-pretrain --run-dir runs/vision-fmnist-pretrain` first (it writes model.safetensors)")
         splits = load_splits(d)
         k = len(splits.class_ids)
         channels = splits.train.images.shape[1]
@@ -536,8 +540,8 @@ class VisionExperiment:
             save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
             return {"model": str(path)}
         path = run_dir / "head.safetensors"
-        save_file({f"{HEAD}.{k}": v.detach().contiguous().cpu() for k, v in model.get_submodule(HEAD).state_dict().items()},
-                  str(path))
+        head = model.get_submodule(HEAD).state_dict()
+        save_file({f"{HEAD}.{k}": v.detach().contiguous().cpu() for k, v in head.items()}, str(path))
         return {"head": str(path)}
 
 
