@@ -112,6 +112,18 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    freeze_bn_stats: bool = False
+    """When true, ``train()`` leaves every BatchNorm in eval mode: it normalises with its running statistics
+    and does not update them (a frozen backbone, as in linear probing or LoRA on a frozen base)."""
+
+    def train(self, mode: bool = True) -> "ResNet":
+        super().train(mode)
+        if mode and self.freeze_bn_stats:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled feature vector (N x 512·expansion) before ``fc``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
