@@ -5,7 +5,6 @@ import dataclasses
 import gzip
 import json
 import struct
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from loralab.engine.config import ConfigError, get_preset, load_config
 from loralab.engine.runner import run_training
-from loralab.engine.schema import LoraSection
 from loralab.models.resnet import resnet18, resnet50
 from loralab.tasks.vision import accounting
 from loralab.tasks.vision import experiment as vx
 from loralab.tasks.vision.experiment import EXPERIMENT, VisionData
 
-PROBE_IN_SCHEMA = "linear_probe" in typing.get_args(typing.get_type_hints(LoraSection)["method"])
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST's, the default normalisation
 
 
@@ -61,12 +58,6 @@ def _cfg(idx_dir, tmp_path, *extra, method="lora"):
     base += {"lora": ["train.lr=3e-3", "lora.r=4", "lora.lora_alpha=8", "lora.target_modules=all_convs"],
              "full": ["train.lr=2e-3"], "linear_probe": ["train.lr=3e-2"]}.get(method, [])
     return load_config(overrides=base + list(extra))
-
-
-def _with_probe(cfg):
-    """cfg with lora.method=linear_probe set past the schema's Literal (until the schema lists it)."""
-    object.__setattr__(cfg.lora, "method", "linear_probe")
-    return cfg
 
 
 def _reference_accuracy(model, idx_dir, classes):
@@ -153,7 +144,7 @@ def _trainable(model):
 
 
 def test_linear_probe_trains_only_fc_with_frozen_statistics(idx_dir, tmp_path):
-    cfg = _with_probe(_cfg(idx_dir, tmp_path, "train.lr=3e-2", method="full"))
+    cfg = _cfg(idx_dir, tmp_path, "train.lr=3e-2", method="linear_probe")
     built = EXPERIMENT.build(cfg)
     assert _trainable(built.model) == ["fc.bias", "fc.weight"] and built.model.freeze_bn_stats
     before = {k: v.clone() for k, v in built.model.state_dict().items()}
@@ -163,13 +154,12 @@ def test_linear_probe_trains_only_fc_with_frozen_statistics(idx_dir, tmp_path):
     after = built.model.state_dict()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed == ["fc.bias", "fc.weight"]  # no BN statistic, no conv moved
-    run, res = run_training(_with_probe(_cfg(idx_dir, tmp_path, "train.lr=3e-2", method="full")))
+    run, res = run_training(_cfg(idx_dir, tmp_path, "train.lr=3e-2", method="linear_probe"))
     assert res["params"]["trainable"] == 512 * 3 + 3 and res["learned"]
     head = load_file(res["details"]["saved"]["head"])
     assert sorted(head) == ["fc.bias", "fc.weight"] and head["fc.weight"].shape == (3, 512)
 
 
-@pytest.mark.skipif(not PROBE_IN_SCHEMA, reason='needs "linear_probe" in LoraSection.method (engine/schema.py)')
 def test_linear_probe_through_the_config(idx_dir, tmp_path):
     cfg = _cfg(idx_dir, tmp_path, method="linear_probe")
     assert cfg.lora.method == "linear_probe"
@@ -291,9 +281,8 @@ def test_presets_have_docs_and_load(tmp_path):
                             "vision-fmnist-adapt-probe", "vision-cifar10-seed"}
     for name, p in presets.items():
         assert p["_doc"] and "\n" not in p["_doc"], name
-        if p["lora.method"] != "linear_probe" or PROBE_IN_SCHEMA:
-            cfg = load_config(preset=name)
-            assert cfg.experiment == "vision"
+        cfg = load_config(preset=name)
+        assert cfg.experiment == "vision"
     seed = load_config(preset="vision-cifar10-seed")
     assert (seed.lora.r, seed.lora.lora_alpha, seed.lora.lora_dropout, seed.train.lr, seed.train.batch_size,
             seed.train.early_stopping_patience, seed.data.image_size, seed.model.name) == \
