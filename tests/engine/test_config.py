@@ -232,7 +232,7 @@ def test_a_key_the_experiment_does_not_read_is_an_error():
 
 
 def test_lora_section_uses_the_core_names_and_its_validation():
-    names = {f.name for f in dataclasses.fields(LoraSection)} - {"method", "init_from"}
+    names = set(LoraSection.METHOD_KEYS["lora"]) - {"method", "init_from"}  # the keys LoRA reads
     assert names <= set(LoraConfig.field_names())  # the same spelling as the core LoraConfig (and PEFT)
     with pytest.raises(ConfigError, match=r"did you mean 'lora.lora_alpha'"):
         load_config(None, [*I, "lora.alpha=16"])

@@ -1,4 +1,4 @@
-"""The GLUE experiment: LoRA, full fine-tuning or BitFit on an encoder with a sequence-classification head.
+"""The GLUE experiment: LoRA or a baseline method on an encoder with a sequence-classification head.
 
     build(cfg)               model (method applied), TaskSpec, tokenized dev sets; ``data.task`` picks the task
     baseline(built)          the majority class of the training labels (STS-B: their mean, a constant predictor)
@@ -10,6 +10,8 @@ Methods and their trainable parameters:
     lora   : A, B of the query/value projections of every layer (r (d_in + d_out) each) + the head
     full   : every parameter
     bitfit : every bias (attention, FFN, LayerNorm, pooler) + the head
+    adapter_h/l/p, prefix_layer, prefix_embed, ft_top2 : ``core.methods`` (counts in ``common.setup``) + the head;
+             saved to <dir>/adapter by ``save_method`` and loaded back with ``lora.init_from``
 """
 
 from __future__ import annotations
