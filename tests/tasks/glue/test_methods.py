@@ -153,3 +153,10 @@ def test_eval_of_a_method_run_through_the_runner(dirs, tmp_path, method):
     run, results = run_training(_cfg(dirs, f"out_dir={tmp_path}", f"lora.method={method}"))
     _, again = evaluate(load_config(run.dir / "config.yaml"), run.dir / "adapter")
     assert again["metrics"] == results["metrics"] and again["run"]["method"] == method
+
+
+def test_prefix_embed_inputs_must_fit_the_models_positions(dirs):
+    with pytest.raises(ValueError, match=r"inserts lora.prefix_length \+ lora.infix_length = 5 tokens.*"
+                                         r"data.max_length=126 \+ 5 exceeds the model's 128 positions"):
+        EXP.build(_cfg(dirs, "lora.method=prefix_embed", "lora.prefix_length=2", "lora.infix_length=3",
+                       "data.max_length=126"))
