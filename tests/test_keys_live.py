@@ -96,11 +96,11 @@ def test_each_method_reads_exactly_the_keys_its_table_lists(tiny_dirs, tmp_path,
     from loralab.engine.experiment import get_experiment
 
     cfg = load_config(None, ["experiment=glue", f"model.name={tiny_dirs['bert']}", "data.task=rte",
-                             "data.train_samples=8", "data.eval_samples=4", "data.max_length=64", f"lora.method={method}",
-                             *extra])
+                             "data.train_samples=8", "data.eval_samples=4", "data.max_length=64",
+                             f"lora.method={method}", *extra])
     monkeypatch.setattr(Section, "reads", set())
     get_experiment("glue").build(cfg)
     reads = {k for k in Section.reads if k.startswith("lora.")}
     monkeypatch.setattr(Section, "reads", None)
     listed = {f"lora.{k}" for k in cfg.lora.METHOD_KEYS[method] if cfg.lora.method_reads(k)}
-    assert reads == listed, f"read but not listed: {sorted(reads - listed)}; listed but not read: {sorted(listed - reads)}"
+    assert reads == listed, f"read, not listed: {sorted(reads - listed)}; listed, not read: {sorted(listed - reads)}"

@@ -359,7 +359,8 @@ def test_every_lora_field_is_read_by_some_method_and_documented():
 @pytest.mark.parametrize("overrides,message", [
     (["lora.method=adapter_h", "lora.prefix_length=4"],
      r"lora.prefix_length: not read with lora.method=adapter_h \(read by prefix_layer, prefix_embed\)"),
-    (["lora.method=adapter_l", "lora.adapter_layernorm=true"], r"lora.adapter_layernorm: not read with lora.method=adapter_l"),
+    (["lora.method=adapter_l", "lora.adapter_layernorm=true"],
+     r"lora.adapter_layernorm: not read with lora.method=adapter_l"),
     (["lora.method=ft_top2", "lora.r=4"], r"lora.r: not read with lora.method=ft_top2 \(read by lora, adapter_h"),
     (["lora.method=prefix_embed", "lora.lora_alpha=16"], r"lora.lora_alpha: not read with lora.method=prefix_embed"),
     (["lora.method=full", "lora.init_from=x"], r"lora.init_from: not read with lora.method=full"),
@@ -391,7 +392,8 @@ def test_keys_the_method_reads_and_inherited_values_are_accepted(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["lora.method=prefix_layer", "lora.prefix_length=0"], "lora.prefix_length: must be >= 1"),
-    (["lora.method=prefix_embed", "lora.prefix_length=0"], "prefix_embed needs lora.prefix_length \\+ lora.infix_length >= 1"),
+    (["lora.method=prefix_embed", "lora.prefix_length=0"],
+     "prefix_embed needs lora.prefix_length \\+ lora.infix_length >= 1"),
     (["lora.method=ft_top2", "lora.top_layers=0"], "lora.top_layers: must be >= 1"),
     (["lora.method=prefix_embed", "lora.infix_length=-1"], "lora.infix_length: must be >= 0"),
 ])

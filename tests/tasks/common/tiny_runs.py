@@ -24,7 +24,8 @@ def adapter(d: int, r: int) -> int:
     return 2 * d * r + r + d
 
 
-def expected_kinds(method: str, H: int = H, L: int = L, d_kv: int = H, layer: int = BERT_LAYER, layer_bias: int = BERT_LAYER_BIAS, r: int = 8,
+def expected_kinds(method: str, H: int = H, L: int = L, d_kv: int = H, layer: int = BERT_LAYER,
+                   layer_bias: int = BERT_LAYER_BIAS, r: int = 8,
                    l_p: int = 10, l_i: int = 0, e: int = 0, h: int = 0, k: int = 2, layernorm: bool = False,
                    norms_per_layer: int = 2) -> dict[str, int]:
     """Trainable parameters by kind (core.methods.KINDS) of ``method``, the head excluded."""

@@ -89,7 +89,8 @@ def qv_targets(model: nn.Module, lora: Any) -> tuple[list[str] | str | None, dic
 def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] | None = None,
                  base_model_name: str | None = None) -> dict[str, Any]:
     """Set what trains (in place) per the run's ``lora`` section; return {"method", "trainable", "total",
-    "heads", ...} (+ "warm_start" or the LoRA settings). ``heads`` always train."""
+    "by_kind" (``core.methods.count_by_kind``), "heads", ...} (+ "warm_start", the LoRA settings, or a core
+    method's "settings" and "formula": its count terms, e.g. adapters' "paper" count). ``heads`` always train."""
     method = lora.method
     if method not in METHODS:
         raise ValueError(f"lora.method must be one of {METHODS}, got {method!r}")

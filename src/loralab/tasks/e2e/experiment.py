@@ -119,7 +119,8 @@ class E2EExperiment:
         from loralab.models.zoo import load_from_config
 
         if cfg.lora.method in GENERATIVE_REFUSED:
-            raise ValueError(f"lora.method={cfg.lora.method}: not available for E2E: {GENERATIVE_REFUSED[cfg.lora.method]}")
+            why = GENERATIVE_REFUSED[cfg.lora.method]
+            raise ValueError(f"lora.method={cfg.lora.method}: not available for E2E: {why}")
         train, mrs, refs, eval_rows = load_data(cfg)  # data errors before minutes of model loading
         torch.manual_seed(cfg.train.seed)  # LoRA A init depends on it
         model, tokenizer = load_from_config(cfg.model, kind="causal_lm")

@@ -235,7 +235,8 @@ class GlueExperiment:
             _log(f"warning: full fine-tuning with train.lr={cfg.train.lr:g}; encoders usually diverge above "
                  "~1e-4 (glue-cpu-<task>-full uses 5e-5)")
         if cfg.lora.method == "prefix_embed":
-            check_inserted_tokens_fit(model, tokenizer, cfg.data.max_length, cfg.lora.prefix_length + cfg.lora.infix_length)
+            inserted = cfg.lora.prefix_length + cfg.lora.infix_length
+            check_inserted_tokens_fit(model, tokenizer, cfg.data.max_length, inserted)
         info = apply_method(model, cfg.lora, "SEQ_CLS", heads_for(model, cfg.lora.modules_to_save), cfg.model.name)
         spec = make_task_spec(task, tokenizer, train, evals, cfg.data.max_length,
                               eval_batch_size=max(32, cfg.train.batch_size))
