@@ -478,3 +478,27 @@ def test_ctrl_c_then_resume_through_the_cli_matches_an_uninterrupted_run(tmp_pat
     assert (a["weight"], a["bias"]) == (b["weight"], b["bias"])  # exact resume: bit-identical weights
     steps = [json.loads(line).get("step") for line in (after.dir / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(1) == 1 and max(steps) == 32  # continued from the checkpoint, did not start over
+
+
+@pytest.mark.parametrize("method,kind,count", [
+    ("adapter_h", "adapter", 2 * 2 * (2 * 32 * 8 + 8 + 32)),  # 2L adapters of (2 d r + r + d), r = the preset's 8
+    ("prefix_layer", "prefix", 2 * 2 * 32 * 10),  # K and V prefixes: 2 L d l_p, l_p = 10 (Hu et al.: L d l_p)
+])
+def test_dry_run_prints_the_counts_by_kind_of_the_method(capsys, tmp_path, monkeypatch, method, kind, count):
+    """`loralab train --preset glue-cpu-sst2 lora.method=... --dry-run` on a tiny BERT: the last stdout line
+    is one JSON object whose trainable/total/by_kind are the paper's formula on that config; nothing trains."""
+    from loralab.models.tiny import tiny_model
+    from tests.tasks.common.tiny_runs import HEAD, glue_data_dir, tiny_bert_dir
+
+    model_dir, data_dir = tiny_bert_dir(tmp_path), glue_data_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "train", "--preset", "glue-cpu-sst2", f"lora.method={method}",
+                          f"model.name={model_dir}", f"data.data_dir={data_dir}", "--dry-run")
+    assert code == 0, err
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert (counts["experiment"], counts["method"]) == ("glue", method)
+    base = sum(p.numel() for p in tiny_model("bert", "seq_cls", num_labels=2).parameters())
+    assert counts["trainable"] == count + HEAD and counts["total"] == base + count
+    assert {k: v["trainable"] for k, v in counts["by_kind"].items() if v["trainable"]} == {kind: count, "head": HEAD}
+    assert counts["by_kind"][kind]["total"] == count
+    assert not (tmp_path / "runs").exists()  # no run was created, nothing trained

@@ -51,6 +51,19 @@ def test_every_key_is_read_by_some_run(tiny_dirs, tmp_path, monkeypatch):
         ["experiment=e2e", f"model.name={tiny_dirs['llama']}", "data.train_samples=8", "data.eval_samples=2",
          "data.max_length=512",
          "generate.num_beams=2", "generate.max_new_tokens=4"],
+        # the paper's other methods: each reads its own lora.* fields (LoraSection.METHOD_KEYS)
+        ["experiment=glue", f"model.name={tiny_dirs['bert']}", "data.task=rte", "data.train_samples=8",
+         "data.eval_samples=4", "lora.method=adapter_h", "lora.r=4", "lora.adapter_layernorm=true",
+         "lora.adapter_activation=gelu"],
+        ["experiment=glue", f"model.name={tiny_dirs['bert']}", "data.task=rte", "data.train_samples=8",
+         "data.eval_samples=4", "lora.method=prefix_layer", "lora.prefix_length=2", "lora.prefix_reparam=true",
+         "lora.prefix_reparam_dim=4", "lora.prefix_reparam_hidden=4"],
+        ["experiment=glue", f"model.name={tiny_dirs['bert']}", "data.task=rte", "data.train_samples=8",
+         "data.eval_samples=4", "data.max_length=64", "lora.method=prefix_embed", "lora.prefix_length=1",
+         "lora.infix_length=2"],
+        ["experiment=e2e", f"model.name={tiny_dirs['llama']}", "data.train_samples=4", "data.eval_samples=1",
+         "data.max_length=512", "generate.num_beams=1", "generate.max_new_tokens=2", "lora.method=ft_top2",
+         "lora.top_layers=1"],
         ["experiment=instruct", f"model.name={tiny_dirs['llama']}", "model.quantize=nf4", "model.quant_block_size=32",
          "model.gradient_checkpointing=true", "data.train_samples=8", f"data.eval_file={held}", "data.packing=true", "data.loss_on=all",
          "lora.target_modules=all-linear", "lora.exclude_modules=[lm_head]", "generate.num_beams=1",
@@ -59,7 +72,7 @@ def test_every_key_is_read_by_some_run(tiny_dirs, tmp_path, monkeypatch):
     read_by: dict[str, set[str]] = {}
     for overrides in runs:
         experiment, reads = _reads(overrides, tmp_path / "runs", monkeypatch)
-        read_by[experiment] = reads
+        read_by[experiment] = read_by.get(experiment, set()) | reads
         data_keys = {k for k in all_keys(experiment) if k.startswith("data.")}
         assert data_keys - reads == set(), f"{experiment} never reads {sorted(data_keys - reads)}"
     everything = set().union(*read_by.values()) | set(ON_EVENT)
@@ -83,3 +96,25 @@ def test_quant_block_size_reaches_every_4bit_layer(tiny_dirs):
         assert layers and {m.block_size for m in layers} == {block}
         n = layers[0].in_features * layers[0].out_features  # one (8-bit, double-quantized) absmax per block
         assert -(-n // block) in {t.numel() for t in layers[0].buffers()}
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("lora", []), ("full", []), ("bitfit", []), ("linear_probe", []), ("adapter_h", []), ("adapter_l", []),
+    ("adapter_p", []), ("prefix_layer", []), ("prefix_layer", ["lora.prefix_reparam=true"]), ("prefix_embed", []),
+    ("ft_top2", []),
+])
+def test_each_method_reads_exactly_the_keys_its_table_lists(tiny_dirs, tmp_path, monkeypatch, method, extra):
+    """Building a GLUE model with ``method`` reads exactly ``LoraSection.METHOD_KEYS[method]`` of the lora
+    section (the fields ``READ_IF`` makes conditional only when their condition holds): the table that
+    ``load_config`` refuses unread keys by is the code's own reading."""
+    from loralab.engine.experiment import get_experiment
+
+    cfg = load_config(None, ["experiment=glue", f"model.name={tiny_dirs['bert']}", "data.task=rte",
+                             "data.train_samples=8", "data.eval_samples=4", "data.max_length=64",
+                             f"lora.method={method}", *extra])
+    monkeypatch.setattr(Section, "reads", set())
+    get_experiment("glue").build(cfg)
+    reads = {k for k in Section.reads if k.startswith("lora.")}
+    monkeypatch.setattr(Section, "reads", None)
+    listed = {f"lora.{k}" for k in cfg.lora.METHOD_KEYS[method] if cfg.lora.method_reads(k)}
+    assert reads == listed, f"read, not listed: {sorted(reads - listed)}; listed, not read: {sorted(listed - reads)}"

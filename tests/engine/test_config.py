@@ -2,7 +2,9 @@
 experiment-specific data section (a key an experiment does not read is an error)."""
 
 import dataclasses
+import re
 import textwrap
+import typing
 
 import pytest
 import yaml
@@ -232,7 +234,7 @@ def test_a_key_the_experiment_does_not_read_is_an_error():
 
 
 def test_lora_section_uses_the_core_names_and_its_validation():
-    names = {f.name for f in dataclasses.fields(LoraSection)} - {"method", "init_from"}
+    names = set(LoraSection.METHOD_KEYS["lora"]) - {"method", "init_from"}  # the keys LoRA reads
     assert names <= set(LoraConfig.field_names())  # the same spelling as the core LoraConfig (and PEFT)
     with pytest.raises(ConfigError, match=r"did you mean 'lora.lora_alpha'"):
         load_config(None, [*I, "lora.alpha=16"])
@@ -337,3 +339,64 @@ def test_example_configs_load(path):
     for line in path.read_text().splitlines():  # what the file says explicitly is what we got
         if line.startswith("name:"):
             assert cfg.name == line.split(":", 1)[1].strip()
+
+
+# ---------------------------------------------------------------- the methods' keys (LoraSection.METHOD_KEYS)
+
+
+def test_every_lora_field_is_read_by_some_method_and_documented():
+    fields = {f.name for f in dataclasses.fields(LoraSection)}
+    methods = set(typing.get_args(typing.get_type_hints(LoraSection)["method"]))
+    assert set(LoraSection.METHOD_KEYS) == methods
+    assert set().union(*map(set, LoraSection.METHOD_KEYS.values())) == fields
+    assert all(set(keys) <= fields and "method" in keys for keys in LoraSection.METHOD_KEYS.values())
+    for name, (other, _) in LoraSection.READ_IF.items():
+        assert all(other in keys for keys in LoraSection.METHOD_KEYS.values() if name in keys)
+    docs = field_docs(LoraSection)
+    assert all(docs.get(f) for f in fields), sorted(f for f in fields if not docs.get(f))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["lora.method=adapter_h", "lora.prefix_length=4"],
+     r"lora.prefix_length: not read with lora.method=adapter_h \(read by prefix_layer, prefix_embed\)"),
+    (["lora.method=adapter_l", "lora.adapter_layernorm=true"],
+     r"lora.adapter_layernorm: not read with lora.method=adapter_l"),
+    (["lora.method=ft_top2", "lora.r=4"], r"lora.r: not read with lora.method=ft_top2 \(read by lora, adapter_h"),
+    (["lora.method=prefix_embed", "lora.lora_alpha=16"], r"lora.lora_alpha: not read with lora.method=prefix_embed"),
+    (["lora.method=full", "lora.init_from=x"], r"lora.init_from: not read with lora.method=full"),
+    (["lora.top_layers=3"], r"lora.top_layers: not read with lora.method=lora \(read by ft_top2\)"),
+    (["lora.method=prefix_layer", "lora.prefix_reparam_dim=64"], r"lora.prefix_reparam_dim: read only with "
+                                                                 r"lora.prefix_reparam=true"),
+])
+def test_a_key_the_method_does_not_read_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides, preset="glue-cpu-sst2")
+
+
+def test_keys_the_method_reads_and_inherited_values_are_accepted(tmp_path):
+    cfg = load_config(None, ["lora.method=prefix_layer", "lora.prefix_reparam=true", "lora.prefix_reparam_dim=64",
+                             "lora.prefix_length=4"], preset="glue-cpu-sst2")  # the preset's r, alpha, targets: fine
+    assert (cfg.lora.prefix_reparam_dim, cfg.lora.prefix_length, cfg.lora.r) == (64, 4, 8)
+    assert load_config(None, ["lora.method=adapter_h", "lora.r=16", "lora.adapter_layernorm=true"],
+                       preset="glue-cpu-sst2").lora.r == 16
+    # a saved config.yaml lists every key: a non-LoRA run's reloads (the preset's LoRA values are inherited)
+    for preset, method in (("e2e-cpu", "ft_top2"), ("glue-cpu-sst2-full", "full"), ("glue-cpu-sst2", "adapter_p")):
+        run = load_config(None, [f"lora.method={method}"], preset=preset)
+        C.save_config(run, tmp_path / "config.yaml")
+        assert load_config(tmp_path / "config.yaml") == run
+        text = re.sub(r"lora_dropout: .*", "lora_dropout: 0.25", (tmp_path / "config.yaml").read_text())
+        (tmp_path / "config.yaml").write_text(text)  # a LoRA key changed by hand in the file
+        with pytest.raises(ConfigError, match=f"lora.lora_dropout: not read with lora.method={method}"):
+            load_config(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["lora.method=prefix_layer", "lora.prefix_length=0"], "lora.prefix_length: must be >= 1"),
+    (["lora.method=prefix_embed", "lora.prefix_length=0"],
+     "prefix_embed needs lora.prefix_length \\+ lora.infix_length >= 1"),
+    (["lora.method=ft_top2", "lora.top_layers=0"], "lora.top_layers: must be >= 1"),
+    (["lora.method=prefix_embed", "lora.infix_length=-1"], "lora.infix_length: must be >= 0"),
+])
+def test_method_field_ranges(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["experiment=glue", *overrides])

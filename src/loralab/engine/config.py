@@ -204,6 +204,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if presets:
         apply_layer(tree, preset_layer, f"preset {next(iter(presets))!r}", RunConfig, sections)
         tree["preset"] = next(iter(presets))
+    inherited = copy.deepcopy(tree.get("lora") or {})  # what lora.* is before the file and the overrides
     if path is not None:
         apply_layer(tree, file_layer, str(path), RunConfig, sections)
     explicit = _flat_keys(file_layer)
@@ -216,12 +217,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise _elsewhere(key, experiment, err) from None
             explicit.append(key)
     cfg = RunConfig(**tree)
-    if cfg.lora.method != "lora":
-        unread = sorted({k for k in explicit if k.startswith("lora.") and k.split(".")[1] in LoraSection.LORA_ONLY})
-        if unread:
-            raise ConfigError(f"{', '.join(unread)}: not read with lora.method={cfg.lora.method} (LoRA settings); "
-                              "remove them or use lora.method=lora")
+    _refuse_unread_lora_keys(cfg.lora, explicit, inherited)
     return cfg
+
+
+def _refuse_unread_lora_keys(lora: LoraSection, explicit: list[str], inherited: dict) -> None:
+    """A ``lora.*`` key set in the file or an override that ``lora.method`` does not read
+    (``LoraSection.METHOD_KEYS``, ``READ_IF``) is an error, unless its value is the one it has anyway
+    (the default, or the preset's / base config's): a saved config.yaml lists every key, and presets may
+    set keys of other methods."""
+    try:
+        below = section_from_dict(LoraSection, {**inherited, "method": lora.method}, "lora")
+    except ConfigError:  # the inherited LoRA values do not validate on their own: compare with the defaults
+        below = LoraSection(method=lora.method)
+    names = sorted({k.split(".")[1] for k in explicit if k.startswith("lora.") and k.count(".") == 1})
+    unread = [n for n in names if n in lora.__dict__ and not lora.method_reads(n)
+              and lora.__dict__[n] != below.__dict__[n]]
+    if not unread:
+        return
+    parts = []
+    for name in unread:
+        readers = [m for m, keys in LoraSection.METHOD_KEYS.items() if name in keys]
+        cond = LoraSection.READ_IF.get(name)
+        if cond and lora.method in readers:
+            parts.append(f"lora.{name}: read only with lora.{cond[0]}={str(cond[1]).lower()}; set that or remove "
+                         f"lora.{name}")
+        else:
+            parts.append(f"lora.{name}: not read with lora.method={lora.method} (read by {', '.join(readers)}); "
+                         "remove it or choose a method that reads it")
+    keys = ", ".join(f"lora.{k}" for k in LoraSection.METHOD_KEYS[lora.method])
+    raise ConfigError("\n".join(parts) + f"\n(lora.method={lora.method} reads {keys})")
 
 
 def _elsewhere(key: str, experiment: str, err: ConfigError) -> ConfigError:

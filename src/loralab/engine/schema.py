@@ -48,16 +48,23 @@ class ModelConfig(Section):
 
 @dataclass
 class LoraSection(Section):
-    """What trains: LoRA adapters (the paper), full fine-tuning or BitFit (baselines).
+    """What trains: LoRA adapters (the paper), or one of the methods it is compared with (full fine-tuning,
+    BitFit, a linear probe, bottleneck adapters, prefix tuning, the top layers).
 
-    The LoRA fields are the core ``LoraConfig``'s, by the same names, validated by it."""
+    The LoRA fields are the core ``LoraConfig``'s, by the same names, validated by it. ``METHOD_KEYS``
+    lists the fields each method reads; setting another one is an error (``load_config``)."""
 
     KEY: ClassVar[str] = "lora"
-    method: Literal["lora", "full", "bitfit", "linear_probe"] = "lora"
+    method: Literal["lora", "full", "bitfit", "linear_probe", "adapter_h", "adapter_l", "adapter_p", "prefix_layer",
+                    "prefix_embed", "ft_top2"] = "lora"
     """lora: low-rank adapters on a frozen base; full: every weight trains; bitfit: only biases (and the
-    head) train; linear_probe: only the head trains."""
+    head) train; linear_probe: only the head trains; adapter_h (Houlsby: a bottleneck adapter after the
+    attention and after the FFN of every layer), adapter_l (Lin: one after each layer, with a LayerNorm),
+    adapter_p (Pfeiffer: one after each FFN), each of width lora.r; prefix_layer: lora.prefix_length
+    trainable keys/values in every attention layer; prefix_embed: lora.prefix_length prefix and
+    lora.infix_length infix token embeddings; ft_top2: the last lora.top_layers layers (and the head) train."""
     r: int = 8
-    """Rank of each update B A (>= 1)."""
+    """LoRA: rank of each update B A; adapter_h/l/p: the bottleneck width of each adapter (Hu et al.'s r) (>= 1)."""
     lora_alpha: float = 8.0
     """Scaling numerator: the update is multiplied by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)."""
     lora_dropout: float = 0.0
@@ -74,7 +81,8 @@ class LoraSection(Section):
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r)."""
     modules_to_save: list[str] | None = None
-    """Modules trained fully and saved with the adapter, e.g. ["classifier"] (None: the experiment decides)."""
+    """The head: modules trained fully with any method (and saved with the adapter), e.g. ["classifier"]
+    (None: the experiment decides)."""
     fused_qkv: dict[str, list[bool]] = field(default_factory=dict)
     """Per-slice adaptation of fused projections: {"c_attn": [true, false, true]} adapts q and v only."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -82,15 +90,69 @@ class LoraSection(Section):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overriding lora_alpha: {name suffix or regex: alpha}."""
     init_from: str | None = None
-    """Adapter dir (PEFT format) to warm start from instead of the fresh init."""
+    """Saved dir to warm start from instead of the fresh init: a LoRA adapter (PEFT format) with
+    method=lora, or the ``adapter/`` dir of an adapter_*/prefix_*/ft_top2 run with that same method."""
+    adapter_activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    """adapter_h/l/p: the nonlinearity f between the down- and up-projection, W_up f(W_down h)."""
+    adapter_layernorm: bool = False
+    """adapter_h: also train the layers' own LayerNorms (Houlsby's recipe; the count then adds 2·d per
+    LayerNorm). Off: Hu et al.'s Adapter^H count, adapters only."""
+    prefix_length: int = 10
+    """prefix_layer, prefix_embed: the number l_p of trainable prefix positions (prefix_layer: >= 1)."""
+    infix_length: int = 0
+    """prefix_embed: the number l_i of trainable infix tokens, inserted after the input (>= 0;
+    l_p + l_i >= 1)."""
+    prefix_reparam: bool = False
+    """prefix_layer: compute the prefixes with Li & Liang's MLP, P = MLP(P') (merged into plain prefixes
+    when saved); off: the prefixes are trained directly."""
+    prefix_reparam_dim: int = 512
+    """prefix_layer with prefix_reparam: the width e of the reparametrisation's embedding P' (l_p x e)."""
+    prefix_reparam_hidden: int = 512
+    """prefix_layer with prefix_reparam: the hidden width of the reparametrisation MLP."""
+    top_layers: int = 2
+    """ft_top2: the number k of last transformer layers that train (Hu et al.'s FT^Top2: k = 2)."""
 
-    LORA_ONLY: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-                                            "bias", "init_lora_weights", "use_rslora", "fused_qkv", "rank_pattern",
-                                            "alpha_pattern", "init_from")
-    """Keys that only LoRA reads: setting one with method full/bitfit is an error."""
+    METHOD_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "lora": ("method", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
+                 "init_lora_weights", "use_rslora", "modules_to_save", "fused_qkv", "rank_pattern", "alpha_pattern",
+                 "init_from"),
+        "full": ("method", "modules_to_save"),
+        "bitfit": ("method", "modules_to_save"),
+        "linear_probe": ("method", "modules_to_save"),
+        "adapter_h": ("method", "r", "adapter_activation", "adapter_layernorm", "modules_to_save", "init_from"),
+        "adapter_l": ("method", "r", "adapter_activation", "modules_to_save", "init_from"),
+        "adapter_p": ("method", "r", "adapter_activation", "modules_to_save", "init_from"),
+        "prefix_layer": ("method", "prefix_length", "prefix_reparam", "prefix_reparam_dim", "prefix_reparam_hidden",
+                         "modules_to_save", "init_from"),
+        "prefix_embed": ("method", "prefix_length", "infix_length", "modules_to_save", "init_from"),
+        "ft_top2": ("method", "top_layers", "modules_to_save", "init_from"),
+    }
+    """The fields each method reads (the experiments read ``modules_to_save`` as the head with every method)."""
+    READ_IF: ClassVar[dict[str, tuple[str, Any]]] = {"prefix_reparam_dim": ("prefix_reparam", True),
+                                                     "prefix_reparam_hidden": ("prefix_reparam", True)}
+    """Fields read only when another field has a value: {field: (other field, value)}."""
+
+    def method_reads(self, name: str) -> bool:
+        """Whether this section's method reads field ``name`` (given the other fields' values)."""
+        values = self.__dict__  # not attribute reads: Section.reads records only the experiments' uses
+        if name not in self.METHOD_KEYS[values["method"]]:
+            return False
+        other, value = self.READ_IF.get(name, (None, None))
+        return other is None or values[other] == value
 
     def check(self) -> list[tuple[str, str]]:
-        try:  # one validation: the core LoraConfig's
+        e: list = []
+        v = self.__dict__
+        for name in ("prefix_reparam_dim", "prefix_reparam_hidden", "top_layers"):
+            require(e, v[name] >= 1, name, f"must be >= 1, got {v[name]}")
+        require(e, v["prefix_length"] >= (1 if v["method"] == "prefix_layer" else 0), "prefix_length",
+                f"must be >= {1 if v['method'] == 'prefix_layer' else 0}, got {v['prefix_length']}")
+        require(e, v["infix_length"] >= 0, "infix_length", f"must be >= 0, got {v['infix_length']}")
+        require(e, v["method"] != "prefix_embed" or v["prefix_length"] + v["infix_length"] >= 1, "infix_length",
+                "prefix_embed needs lora.prefix_length + lora.infix_length >= 1")
+        if e:
+            return e
+        try:  # one validation of the LoRA fields: the core LoraConfig's
             self.to_lora_config(validate_only=True)
         except LoraConfigError as err:
             return [(err.field, err.reason)]

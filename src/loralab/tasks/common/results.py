@@ -12,9 +12,20 @@ from loralab.engine.experiment import Baseline, Built, Result
 
 
 def save_trained(model: nn.Module, run_dir: str | Path | None) -> str | None:
-    """Save the LoRA adapter (PEFT format, with its modules_to_save) to ``<run_dir>/adapter``; its path,
-    or None when there is no run dir or no LoRA layer (full fine-tuning and BitFit save no adapter)."""
-    if run_dir is None or not any(True for _ in lora_modules(model)):
+    """Save what trained to ``<run_dir>/adapter``; its path, or None when there is no run dir or nothing
+    to save beside the base model (full fine-tuning and BitFit save no adapter).
+
+    LoRA: the adapter in PEFT's format, with its modules_to_save. A method applied by ``core.methods``
+    (adapter_h/l/p, prefix_layer, prefix_embed, ft_top2): ``save_method``'s adapter_config.json (the
+    method and its settings, the head included) + adapter_model.safetensors (its tensors and the head's)."""
+    from loralab.core import methods
+
+    if run_dir is None:
+        return None
+    state = getattr(model, methods.STATE, None)
+    if state is not None and state["method"] not in ("lora", "full"):
+        return str(methods.save_method(model, Path(run_dir) / "adapter"))
+    if not any(True for _ in lora_modules(model)):
         return None
     from loralab.core.adapter_io import save_adapter
 

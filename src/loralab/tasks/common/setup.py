@@ -1,12 +1,19 @@
-"""What trains, for every experiment: LoRA (fresh or warm-started), full fine-tuning, or BitFit.
+"""What trains, for every experiment: LoRA (fresh or warm-started), full fine-tuning, BitFit, a linear
+probe, or one of the paper's other baselines built by ``core.methods`` (adapters, prefixes, top layers).
 
-Trainable parameters (L layers, hidden H, FFN width I, head P parameters):
+Trainable parameters (L layers, hidden d, FFN width I, head P parameters):
     lora   : per adapted d_in -> d_out projection r (d_in + d_out)  (A: r x d_in, B: d_out x r) + P
     bitfit : every ``*.bias`` + P
     linear_probe : P (the head only)
     full   : every parameter
+    adapter_h / adapter_l / adapter_p : L̂_Adpt (2 d r + r + d) + 2 L̂_LN d + P  (Hu et al. Sec. 5.1; r = lora.r;
+             L̂_Adpt = 2L, L or L; L̂_LN = 0, L or 0; adapter_h with lora.adapter_layernorm: its layers' LayerNorms)
+    prefix_layer : 2 L d_kv l_p + P (keys and values; Hu et al. count L d l_p), or the reparametrisation MLP
+    prefix_embed : d (l_p + l_i) + P
+    ft_top2 : the last lora.top_layers transformer layers + P
 ``heads`` (a classifier, a span head) always train, and with LoRA they are saved with the adapter
-(``modules_to_save``), so the adapter dir alone reproduces the model.
+(``modules_to_save``), so the adapter dir alone reproduces the model; the core methods save them with
+their own tensors (``core.methods.save_method``).
 
 The config's default targets ``["query", "value"]`` mean the paper's W_q and W_v in the architecture's
 own names: BERT/RoBERTa ``query``/``value``, MPNet ``q``/``v``, DistilBERT ``q_lin``/``v_lin``,
@@ -24,10 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from loralab.core import methods as core_methods
 from loralab.core.adapter_io import PREFIX, load_adapter
 from loralab.core.inject import count_parameters, inject_adapter
 
-METHODS = ("lora", "full", "bitfit", "linear_probe")
+CORE_METHODS = ("adapter_h", "adapter_l", "adapter_p", "prefix_layer", "prefix_embed", "ft_top2")
+"""Methods applied, counted, saved and loaded by ``core.methods``."""
+METHODS = ("lora", "full", "bitfit", "linear_probe", *CORE_METHODS)
 DEFAULT_TARGETS = ["query", "value"]
 QV_NAMES: dict[str, list[str]] = {
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
@@ -79,7 +89,8 @@ def qv_targets(model: nn.Module, lora: Any) -> tuple[list[str] | str | None, dic
 def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] | None = None,
                  base_model_name: str | None = None) -> dict[str, Any]:
     """Set what trains (in place) per the run's ``lora`` section; return {"method", "trainable", "total",
-    "heads", ...} (+ "warm_start" or the LoRA settings). ``heads`` always train."""
+    "by_kind" (``core.methods.count_by_kind``), "heads", ...} (+ "warm_start", the LoRA settings, or a core
+    method's "settings" and "formula": its count terms, e.g. adapters' "paper" count). ``heads`` always train."""
     method = lora.method
     if method not in METHODS:
         raise ValueError(f"lora.method must be one of {METHODS}, got {method!r}")
@@ -102,6 +113,8 @@ def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] |
             p.requires_grad_(name.endswith("bias"))
         for name in heads:
             model.get_submodule(name).requires_grad_(True)
+    elif method in CORE_METHODS:
+        info.update(_apply_core(model, lora, heads))
     elif lora.init_from:
         info["warm_start"] = warm_start(model, lora.init_from, heads)
     else:
@@ -114,10 +127,45 @@ def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] |
                     lora_alpha=cfg.lora_alpha)
         check_heads_train(model, heads)
     info["trainable"], info["total"] = count_parameters(model)
+    info["by_kind"] = core_methods.count_by_kind(model)["by_kind"]
     if info["trainable"] == 0:
         raise RuntimeError(f"lora.method={method}: no parameter trains")
     log(f"{method}: trainable {info['trainable']:,} of {info['total']:,} parameters "
         f"({100 * info['trainable'] / max(1, info['total']):.3f}%)")
+    return info
+
+
+def method_settings(lora: Any) -> dict[str, Any]:
+    """The ``core.methods.apply_method`` settings of a core method from the run's ``lora`` section
+    (only the fields the method reads: ``LoraSection.METHOD_KEYS``)."""
+    method = lora.method
+    if method.startswith("adapter_"):
+        settings: dict[str, Any] = {"r": lora.r, "activation": lora.adapter_activation}
+        if method == "adapter_h":
+            settings["train_layernorm"] = lora.adapter_layernorm
+        return settings
+    if method == "prefix_layer":
+        settings = {"l_p": lora.prefix_length, "reparam": lora.prefix_reparam}
+        if settings["reparam"]:
+            settings.update(reparam_dim=lora.prefix_reparam_dim, reparam_hidden=lora.prefix_reparam_hidden)
+        return settings
+    if method == "prefix_embed":
+        return {"l_p": lora.prefix_length, "l_i": lora.infix_length}
+    if method == "ft_top2":
+        return {"k": lora.top_layers}
+    raise ValueError(f"{method!r} is not a core method ({CORE_METHODS})")
+
+
+def _apply_core(model: nn.Module, lora: Any, heads: list[str]) -> dict[str, Any]:
+    """A core method, fresh or warm-started from ``lora.init_from``; the heads train (and are saved)."""
+    settings = method_settings(lora)
+    if lora.init_from:
+        info: dict[str, Any] = {"warm_start": warm_start_method(model, lora.init_from, lora.method, heads, settings)}
+        info["settings"] = info["warm_start"]["settings"]
+    else:
+        applied = core_methods.apply_method(model, lora.method, head=list(heads), **settings)
+        info = {"settings": {**settings, "head": list(heads)}, "formula": applied["formula"]}
+    check_heads_train(model, heads)
     return info
 
 
@@ -146,6 +194,11 @@ def warm_start(model: nn.Module, adapter_dir: str | Path, heads: list[str]) -> d
     if not weights.is_file() or not (src / "adapter_config.json").is_file():
         raise FileNotFoundError(f"lora.init_from={str(src)!r}: expected adapter_config.json and "
                                 f"adapter_model.safetensors in {src.resolve()}")
+    saved_method = json.loads((src / "adapter_config.json").read_text()).get("method", "lora")
+    if saved_method != "lora":
+        raise ValueError(f"lora.init_from={str(src)!r} holds a saved {saved_method!r} method, not LoRA adapters, "
+                         f"and lora.method is 'lora': set lora.method={saved_method} to train or evaluate it. "
+                         f"It cannot be merged into the base weights as LoRA can: {merge_refusal(saved_method)}")
     state = load_file(str(weights))
     fresh = {f"{PREFIX}{h}.{n}": p.detach().clone() for h in heads
              for n, p in model.get_submodule(h).named_parameters()}
@@ -193,3 +246,75 @@ def _verify_loaded(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         n += 1
     if n == 0:
         raise RuntimeError("warm start: the adapter file holds no LoRA weights")
+
+
+# ---------------------------------------------------------------- the core methods' saved dirs
+
+
+def merge_refusal(method: str) -> str:
+    """Why a saved ``method`` dir does not merge like LoRA: the core's own error for adapters and prefixes."""
+    from loralab.core import adapters, prefix, prefix_embed
+
+    refuse = {"prefix_layer": prefix.merge_prefixes, "prefix_embed": prefix_embed.merge_prefix_embedding}
+    fn = adapters.merge_adapters if method.startswith("adapter_") else refuse.get(method)
+    if fn is None:
+        return (f"{method} trains the model's own weights, so there is nothing to fold in: the trained model "
+                "is the base with the saved tensors loaded (load_method) and saved whole")
+    try:
+        fn(None)
+    except NotImplementedError as err:
+        return str(err)
+    raise AssertionError(f"core merge of {method} did not refuse")  # pragma: no cover
+
+
+def warm_start_method(model: nn.Module, adapter_dir: str | Path, method: str, heads: list[str],
+                      settings: dict[str, Any]) -> dict[str, Any]:
+    """Load a core method saved by ``core.methods.save_method`` (its ``adapter_config.json`` names the
+    method) onto ``model``, trainable, and verify every saved tensor arrived equal and trainable.
+
+    The dir's method must be ``method``; its settings (r, l_p, ...) are the file's and are returned (a
+    difference from the run's section is logged). A head saved with other shapes (another label count)
+    is replaced by this model's fresh head, as the LoRA warm start does."""
+    from safetensors.torch import load_file, save_file
+
+    src = Path(adapter_dir)
+    weights, config_path = src / core_methods.WEIGHTS_NAME, src / core_methods.CONFIG_NAME
+    if not weights.is_file() or not config_path.is_file():
+        raise FileNotFoundError(f"lora.init_from={str(src)!r}: expected {core_methods.CONFIG_NAME} and "
+                                f"{core_methods.WEIGHTS_NAME} in {src.resolve()}")
+    config = json.loads(config_path.read_text())
+    saved_method = config.get("method", "lora")
+    if saved_method != method:
+        raise ValueError(f"lora.init_from={str(src)!r} holds a saved {saved_method!r} method but lora.method is "
+                         f"{method!r}: set lora.method={saved_method}")
+    state = load_file(str(weights))
+    saved_heads = list(config.get("head") or [])
+    fresh = {f"{h}.{n}": p.detach().clone() for h in heads for n, p in model.get_submodule(h).named_parameters()}
+    in_head = [k for k in state if any(k.startswith(h + ".") for h in set(saved_heads) | set(heads))]
+    fits = sorted(in_head) == sorted(fresh) and all(tuple(state[k].shape) == tuple(fresh[k].shape) for k in fresh)
+    body = {k: v for k, v in state.items() if k not in in_head}
+    config["head"] = list(heads)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / core_methods.CONFIG_NAME).write_text(json.dumps(config))
+        save_file({**body, **({k: state[k] for k in in_head} if fits else fresh)}, str(Path(tmp) / weights.name))
+        core_methods.load_method(model, tmp, trainable=True)
+    params = dict(model.named_parameters())
+    for key, value in body.items():
+        if key not in params or not params[key].requires_grad:
+            raise RuntimeError(f"warm start: saved {key} is {'frozen' if key in params else 'not'} in the model")
+        if not torch.equal(params[key].detach().to(value.dtype).cpu(), value):
+            raise RuntimeError(f"warm start: {key} differs from the file")
+    if not body:
+        raise RuntimeError(f"warm start: {weights} holds no {method} tensors besides the head")
+    loaded = {k: v for k, v in config.items() if k not in ("method", "merged_reparametrization")}
+    differs = {k: (settings[k], loaded.get(k)) for k in settings if loaded.get(k) != settings[k]}
+    if differs:
+        log(f"warm start from {src}: the saved {method} has " + ", ".join(f"{k}={v[1]} (the config says {v[0]})"
+                                                                            for k, v in differs.items())
+            + "; the saved settings are used")
+    if not fits:
+        log(f"warm start from {src}: its head {saved_heads} does not fit this task's {heads}; the head is "
+            f"re-created (fresh init), the {method} tensors are loaded")
+    log(f"warm start from {src}: {method} {loaded} loaded trainable; head {'loaded' if fits else 're-created'}")
+    return {"init_from": str(src.resolve()), "head_loaded": fits, "settings": loaded,
+            "merged_reparametrization": bool(config.get("merged_reparametrization"))}

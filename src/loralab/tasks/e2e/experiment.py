@@ -7,6 +7,10 @@
 Data: ``data.train_file`` (default ``<data_dir>/devset.csv``: the full training set is not shipped
 here) and ``data.eval_file`` (default ``testset_w_refs.csv``); see ``e2e.data`` for the encoding.
 LoRA targets: the default ``["query", "value"]`` becomes the architecture's W_q, W_v (``common.setup``).
+Methods: every ``lora.method`` but ``prefix_embed`` (refused: the core's prefix embeddings have no
+incremental decoding for ``generate`` and make the logits l_p + l_i longer than the labels; PreLayer,
+``prefix_layer``, is the paper's E2E prefix row). The baseline is the un-adapted model: LoRA's adapters
+switched off; for prefix_layer, whose fresh random prefixes already change the model, a freshly loaded base.
 Training evaluation (``TaskSpec.evaluate``) is the completion loss on the evaluation MRs' references,
 for monitoring only: no checkpoint is selected on the test set (``metric=None``), as in the paper,
 which reports the model after the last epoch.
@@ -34,6 +38,14 @@ from loralab.tasks.common.setup import apply_method
 from loralab.tasks.e2e.data import TRAIN_FILE, data_files, encode_rows, eos_id, eval_groups, load_rows
 from loralab.tasks.e2e.generate import generate_outputs, results_table, write_official, write_references
 
+GENERATIVE_REFUSED = {
+    "prefix_embed": "the core's prefix embeddings support no incremental decoding (generate's KV cache) and make "
+                    "the outputs l_p + l_i positions longer than the labels; use lora.method=prefix_layer (PreLayer, "
+                    "the paper's prefix row for E2E)",
+}
+"""Methods a generative experiment cannot run, and why."""
+CHANGED_AT_INIT = ("prefix_layer",)
+"""Methods whose fresh model already differs from the base (random prefixes): the baseline loads the base."""
 BLEU_MARGIN = 0.01
 """One BLEU point: a run within it of the un-adapted model's BLEU has not learned the task."""
 
@@ -106,6 +118,9 @@ class E2EExperiment:
     def build(self, cfg: Any) -> Built:
         from loralab.models.zoo import load_from_config
 
+        if cfg.lora.method in GENERATIVE_REFUSED:
+            why = GENERATIVE_REFUSED[cfg.lora.method]
+            raise ValueError(f"lora.method={cfg.lora.method}: not available for E2E: {why}")
         train, mrs, refs, eval_rows = load_data(cfg)  # data errors before minutes of model loading
         torch.manual_seed(cfg.train.seed)  # LoRA A init depends on it
         model, tokenizer = load_from_config(cfg.model, kind="causal_lm")
@@ -117,10 +132,15 @@ class E2EExperiment:
         return Built(model, spec, {"cfg": cfg, "tokenizer": tokenizer, "mrs": mrs, "refs": refs, "method": info})
 
     def baseline(self, built: Built) -> Baseline:
-        """The un-adapted model (adapters off, or the untouched model before training) on the same MRs."""
+        """The un-adapted model (LoRA adapters off; the untouched model before training; for prefix_layer a
+        freshly loaded base) on the same MRs."""
         from loralab.core.inject import disable_adapters, lora_modules
 
         cfg, model = built.state["cfg"], built.model
+        if cfg.lora.method in CHANGED_AT_INIT:
+            from loralab.models.zoo import load_from_config
+
+            model = load_from_config(cfg.model, kind="causal_lm")[0].to(next(built.model.parameters()).device)
         off = disable_adapters(model) if any(True for _ in lora_modules(model)) else contextlib.nullcontext()
         with off:
             outputs = generate_outputs(model, built.state["tokenizer"], built.state["mrs"], cfg.generate)

@@ -1,4 +1,4 @@
-"""The GLUE experiment: LoRA, full fine-tuning or BitFit on an encoder with a sequence-classification head.
+"""The GLUE experiment: LoRA or a baseline method on an encoder with a sequence-classification head.
 
     build(cfg)               model (method applied), TaskSpec, tokenized dev sets; ``data.task`` picks the task
     baseline(built)          the majority class of the training labels (STS-B: their mean, a constant predictor)
@@ -10,6 +10,8 @@ Methods and their trainable parameters:
     lora   : A, B of the query/value projections of every layer (r (d_in + d_out) each) + the head
     full   : every parameter
     bitfit : every bias (attention, FFN, LayerNorm, pooler) + the head
+    adapter_h/l/p, prefix_layer, prefix_embed, ft_top2 : ``core.methods`` (counts in ``common.setup``) + the head;
+             saved to <dir>/adapter by ``save_method`` and loaded back with ``lora.init_from``
 """
 
 from __future__ import annotations
@@ -198,6 +200,16 @@ def heads_for(model: nn.Module, requested: list[str] | None) -> list[str]:
     return list(requested) if requested else DEFAULT_HEADS.get(model_type(model), ["classifier"])
 
 
+def check_inserted_tokens_fit(model: nn.Module, tokenizer: Any, max_length: int, inserted: int) -> None:
+    """prefix_embed makes every input ``inserted`` tokens longer: they must fit the model's positions."""
+    limits = [n for n in (getattr(model.config, "max_position_embeddings", None),
+                          getattr(tokenizer, "model_max_length", None)) if isinstance(n, int) and 0 < n < 10**6]
+    if limits and max_length + inserted > min(limits):
+        raise ValueError(f"lora.method=prefix_embed inserts lora.prefix_length + lora.infix_length = {inserted} tokens "
+                         f"into every input: data.max_length={max_length} + {inserted} exceeds the model's "
+                         f"{min(limits)} positions; set data.max_length <= {min(limits) - inserted}")
+
+
 class GlueExperiment:
     name: ClassVar[str] = "glue"
     data_config: ClassVar[type] = GlueData
@@ -222,6 +234,9 @@ class GlueExperiment:
         if cfg.lora.method == "full" and cfg.train.lr >= 3e-4:
             _log(f"warning: full fine-tuning with train.lr={cfg.train.lr:g}; encoders usually diverge above "
                  "~1e-4 (glue-cpu-<task>-full uses 5e-5)")
+        if cfg.lora.method == "prefix_embed":
+            inserted = cfg.lora.prefix_length + cfg.lora.infix_length
+            check_inserted_tokens_fit(model, tokenizer, cfg.data.max_length, inserted)
         info = apply_method(model, cfg.lora, "SEQ_CLS", heads_for(model, cfg.lora.modules_to_save), cfg.model.name)
         spec, eval_sets = make_task_spec(task, tokenizer, train, evals, cfg.data.max_length,
                                          eval_batch_size=max(32, cfg.train.batch_size))

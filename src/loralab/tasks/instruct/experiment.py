@@ -142,6 +142,11 @@ class InstructExperiment:
         from loralab.models.zoo import load_from_config
         from loralab.tasks.instruct.eval import scored_heldout_loss
 
+        if cfg.lora.method in ("prefix_layer", "prefix_embed"):
+            raise ValueError(f"lora.method={cfg.lora.method}: not available for instruct: its baseline and adapter "
+                             "check assume the fresh model is the base model, which random prefixes are not"
+                             + ("; and prefix embeddings cannot decode incrementally" if
+                                cfg.lora.method == "prefix_embed" else ""))
         train_recs, held_recs, fmt, mode = load_split_records(cfg)  # data errors before the model loads
         system = cfg.data.system_prompt
         train_c, held_c = (to_conversations(r, fmt, system, mode) for r in (train_recs, held_recs))
