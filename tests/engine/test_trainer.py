@@ -287,3 +287,14 @@ def test_train_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert back.to_checkpoint().keys() == saved.keys() and back.history[0] == {"step": 4, "score": 0.9}
     assert (back.step, back.best_step, back.first_loss, back.skipped_steps) == (7, 4, 3.0, 2)
     assert torch.equal(back.best_weights["w"], torch.ones(2))
+
+
+def test_fit_trains_in_training_mode_even_if_the_model_arrives_in_eval_mode():
+    """A model loaded with from_pretrained is in eval mode; training with it so would silently drop dropout."""
+    from tests.engine.toy import ToyTrainConfig, toy_model, toy_task
+
+    model = toy_model(dropout=0.5).eval()
+    seen = []
+    task = toy_task(hook=lambda k: seen.append(model.training))
+    fit(model, task, ToyTrainConfig(max_steps=3, epochs=1.0))
+    assert seen and all(seen)

@@ -167,6 +167,7 @@ def _train(loop: _Loop, state: TrainState, stop: StopFlag) -> str:
         return "early_stopped"  # resumed after it had already stopped early
     lengths = [loop.task.example_length(ex) for ex in loop.task.train_dataset] if cfg.length_grouped else None
     batches, batches_epoch = [], None
+    loop.train_model.train()  # dropout on (a model from from_pretrained arrives in eval mode)
     while state.step < loop.total_steps:
         if ddp.sum_scalar(float(bool(stop.requested))) > 0:  # any rank: all stop at the same step
             path = _checkpoint(loop, state)
