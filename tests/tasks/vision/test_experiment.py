@@ -16,7 +16,7 @@ from loralab.engine.config import ConfigError, get_preset, load_config
 from loralab.engine.runner import run_training
 from loralab.models.resnet import resnet18, resnet50
 from loralab.tasks.vision import accounting
-from loralab.tasks.vision import experiment as vx
+from loralab.tasks.vision import setup as vx
 from loralab.tasks.vision.experiment import EXPERIMENT, VisionData
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST's, the default normalisation
