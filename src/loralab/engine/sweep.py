@@ -24,6 +24,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,13 @@ def run_sweep(out: str | Path, preset: str | None, items: list[str], seeds: list
               config: str | None = None, echo: Any = print) -> dict[str, Any]:
     """Run (or finish) the sweep in ``out``; returns the summary written to sweep.json."""
     out = Path(out).resolve()
+    lock = threading.Lock()
+    say = echo
+
+    def echo(text: str) -> None:  # the job threads print too: one whole line at a time
+        with lock:
+            say(text)
+
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if not seeds:
