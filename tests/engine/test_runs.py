@@ -20,6 +20,8 @@ from loralab.engine.runs import compare_runs, create_run, get_run, list_runs, op
 
 
 def _cfg(*overrides):
+    if not any(o.startswith("experiment=") for o in overrides):
+        overrides = ("experiment=glue", *overrides)  # a config needs its experiment (any will do here)
     return load_config(None, list(overrides))
 
 
@@ -34,7 +36,7 @@ def test_create_run_layout_config_env_and_registry(tmp_path, monkeypatch):
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     monkeypatch.chdir(repo)
 
-    cfg = _cfg("name=My Run/1", "train.lr=1e-3", "model.name=smollm2-135m", "data.task=e2e", "experiment=e2e")
+    cfg = _cfg("name=My Run/1", "train.lr=1e-3", "model.name=smollm2-135m", "experiment=e2e")
     run = create_run(cfg, tmp_path / "runs")
     assert run.dir.parent == tmp_path / "runs"
     assert re.fullmatch(r"\d{8}-\d{6}-My-Run-1-[0-9a-f]{8}", run.dir.name), run.dir.name
@@ -97,7 +99,7 @@ def test_a_killed_run_reads_as_interrupted_and_a_live_one_as_running(tmp_path):
 
     # a process that registers a run and is then killed outright: it never updates its row
     code = ("import os, signal; from loralab.engine.config import load_config; from loralab.engine.runs import create_run; "
-            f"create_run(load_config(None, []), {str(tmp_path)!r}); os.kill(os.getpid(), signal.SIGKILL)")
+            f"create_run(load_config(None, ['experiment=glue']), {str(tmp_path)!r}); os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     (killed,) = list_runs(tmp_path)
@@ -119,7 +121,7 @@ def test_resume_is_refused_while_another_live_process_runs_it(tmp_path):
     try:
         owner = json.loads((run.dir / "running.json").read_text())
         (run.dir / "running.json").write_text(json.dumps({**owner, "pid": other.pid}))
-        with pytest.raises(RuntimeError, match=f"still being run by process {other.pid}"):
+        with pytest.raises(R.RunBusyError, match=f"still being run by process {other.pid}"):
             open_run(run.dir).mark_running()
     finally:
         other.kill()
