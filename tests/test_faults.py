@@ -214,7 +214,8 @@ def _e2e_train(world, tmp_path, data_dir):
 E2E_PROBES = {
     "missing data dir": (lambda t: t / "nowhere", ["nowhere", "data.data_dir"]),
     "missing column": (lambda t: _write_e2e(t / "e", train="mr,text\na,b\n"), ["devset.csv", "'ref'"]),
-    "truncated line": (lambda t: _write_e2e(t / "e", train='mr,ref\n"name[A]","A."\n"name[B]'), ["devset.csv"]),
+    "truncated line": (lambda t: _write_e2e(t / "e", train='mr,ref\n"name[A]","A."\n"name[B]'),
+                       ["devset.csv", "cut short"]),
     "empty file": (lambda t: _write_e2e(t / "e", train=""), ["devset.csv", "empty"]),
     "non-UTF-8": (lambda t: _write_e2e(t / "e", train='mr,ref\n"name[Caf\xe9]","x"\n'.encode("latin-1")),
                   ["devset.csv", "UTF-8"]),
@@ -307,7 +308,7 @@ ADAPTER_PROBES = {
     "corrupt adapter_config.json": ["adapter_config.json"],
     "adapter_config.json not an object": ["adapter_config.json"],
     "rank mismatch": ["shape"],
-    "missing adapter_config.json": ["adapter_config.json"],
+    "missing adapter_config.json": ["adapter_config.json"],  # merge: "give the adapter dir itself" (no --adapter)
     "pickle adapter_model.bin": ["adapter_model.bin", "safetensors"],
     "head tensors missing": ["classifier"],
 }
@@ -321,7 +322,8 @@ def test_adapter_error(kind, command, world, capsys, tmp_path):
     argv = (["eval", adapter.parent, "--adapter", adapter] if command == "eval"
             else ["merge", adapter, "--out", tmp_path / "merged"])
     code, _, err = _cli(capsys, argv)
-    assert_user_error(code, err, command, *ADAPTER_PROBES[kind])
+    message = assert_user_error(code, err, command, *ADAPTER_PROBES[kind])
+    assert command == "eval" or "--adapter" not in message  # merge has no --adapter option
     assert not (adapter.parent / "UNPICKLED").exists(), "a pickle was loaded"
     assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
 

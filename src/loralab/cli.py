@@ -44,7 +44,7 @@ def _split_items(items: list[str], allow_config: bool = True) -> tuple[str | Non
     return config, overrides
 
 
-def _find_adapter(run_dir: Path) -> Path:
+def _find_adapter(run_dir: Path, fix: str = "pass --adapter DIR") -> Path:
     """The adapter of a run dir: the dir itself, best/, final/, adapter/, else the only one inside."""
     for candidate in (run_dir, run_dir / "best", run_dir / "final", run_dir / "adapter"):
         if (candidate / "adapter_config.json").is_file():
@@ -53,8 +53,8 @@ def _find_adapter(run_dir: Path) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise UsageError(f"no adapter (adapter_config.json) under {run_dir}; pass --adapter DIR")
-    raise UsageError(f"several adapters under {run_dir} ({', '.join(map(str, found[:4]))}); pass --adapter DIR")
+        raise UsageError(f"no adapter (adapter_config.json) under {run_dir}; {fix}")
+    raise UsageError(f"several adapters under {run_dir} ({', '.join(map(str, found[:4]))}); {fix}")
 
 
 def _config_near(adapter_dir: Path) -> Path | None:
@@ -197,7 +197,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     adapter = Path(args.adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
-        adapter = _find_adapter(adapter) if adapter.is_dir() else adapter
+        adapter = _find_adapter(adapter, "give the adapter dir itself") if adapter.is_dir() else adapter
     if not (adapter / "adapter_config.json").is_file():
         raise UsageError(f"{args.adapter_dir}: no adapter_config.json (not an adapter or run dir)")
     check_adapter_files(adapter, heads_required=not args.allow_fresh_head)  # before minutes of model loading

@@ -145,7 +145,8 @@ def _read_e2e_rows(path: str) -> list[tuple[str, str]]:
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) != len(header):
-                raise ValueError(f"{path}, record {line_no}: {len(row)} fields, header has {len(header)}")
+                raise ValueError(f"{path}, record {line_no}: {len(row)} fields, the header has {len(header)} "
+                                 f"({','.join(header)}); is the line cut short or a quote left open?")
             mr, ref = row[i_mr].strip(), row[i_ref].strip()
             if not mr:
                 raise ValueError(f"{path}, record {line_no}: empty MR")
