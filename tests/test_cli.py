@@ -228,6 +228,12 @@ def test_eval_loads_the_runs_adapter(capsys, tmp_path, fake):
     assert code == 2 and "no adapter" in err
     (trained.dir / "adapter").mkdir()
     (trained.dir / "adapter" / "adapter_config.json").write_text("{}")
+    code, _, err = _run(capsys, "eval", str(trained.dir))
+    assert code == 2 and "no adapter_model.safetensors" in err  # checked before anything is built
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(1, 1)},
+              str(trained.dir / "adapter" / "adapter_model.safetensors"))
     code, _, err = _run(capsys, "eval", str(trained.dir), "data.eval_samples=5")
     assert code == 0, err
     assert fake.built_with.lora.init_from == str(trained.dir / "adapter")

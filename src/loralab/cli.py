@@ -10,6 +10,7 @@ Experiments and the trainer are imported only when a command needs them, so ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ def _split_items(items: list[str], allow_config: bool = True) -> tuple[str | Non
     return config, overrides
 
 
-def _find_adapter(run_dir: Path) -> Path:
+def _find_adapter(run_dir: Path, fix: str = "pass --adapter DIR") -> Path:
     """The adapter of a run dir: the dir itself, best/, final/, adapter/, else the only one inside."""
     for candidate in (run_dir, run_dir / "best", run_dir / "final", run_dir / "adapter"):
         if (candidate / "adapter_config.json").is_file():
@@ -52,8 +53,8 @@ def _find_adapter(run_dir: Path) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise UsageError(f"no adapter (adapter_config.json) under {run_dir}; pass --adapter DIR")
-    raise UsageError(f"several adapters under {run_dir} ({', '.join(map(str, found[:4]))}); pass --adapter DIR")
+        raise UsageError(f"no adapter (adapter_config.json) under {run_dir}; {fix}")
+    raise UsageError(f"several adapters under {run_dir} ({', '.join(map(str, found[:4]))}); {fix}")
 
 
 def _config_near(adapter_dir: Path) -> Path | None:
@@ -74,7 +75,12 @@ def _print_summary(run: Any, results: dict) -> None:
     if base:
         line += f"  baseline {base['score']:.4g} ({base['kind']})"
     mark = {True: "learned", False: "NOT LEARNED: not clearly past the baseline", None: ""}[results.get("learned")]
+    if (results.get("details") or {}).get("diverged"):
+        mark = "NOT LEARNED: training diverged"
     print(line + (f"  -> {mark}" if mark else ""))
+    if (results.get("details") or {}).get("diverged"):
+        print("  WARNING: training diverged (the loss stayed far above its start, see metrics.jsonl): this result is "
+              "not to be trusted; lower train.lr, set train.max_grad_norm or add warmup", file=sys.stderr)
     print(f"  params trainable {results['params']['trainable']:,} of {results['params']['total']:,}; "
           f"wall {results.get('wall_seconds', 0):.0f} s; {results.get('tokens_per_second', 0):,.0f} tokens/s")
 
@@ -119,7 +125,8 @@ def _dry_run(cfg: Any) -> int:
     from loralab.engine.experiment import get_experiment
 
     print(config_to_yaml_with_docs(cfg), end="", flush=True)
-    built = get_experiment(cfg.experiment).build(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # what build() prints would break the YAML on stdout
+        built = get_experiment(cfg.experiment).build(cfg)
     print(json.dumps({"experiment": cfg.experiment, "method": cfg.lora.method, **count_by_kind(built.model)}))
     return 0
 
@@ -178,20 +185,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("no adapter to evaluate: pass --adapter DIR (or --base-only to evaluate the base model)")
     if adapter is None:
         print("evaluating the BASE model: no adapter is loaded", file=sys.stderr)
-    run, results = runner.evaluate(cfg, adapter)
+    run, results = runner.evaluate(cfg, adapter, allow_fresh_head=args.allow_fresh_head)
     _print_summary(run, results)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base weights and save a plain Hugging Face model dir."""
+    from loralab.core.adapter_io import check_adapter_files
     from loralab.engine.merge import merge_adapter
 
     adapter = Path(args.adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
-        adapter = _find_adapter(adapter) if adapter.is_dir() else adapter
+        adapter = _find_adapter(adapter, "give the adapter dir itself") if adapter.is_dir() else adapter
     if not (adapter / "adapter_config.json").is_file():
         raise UsageError(f"{args.adapter_dir}: no adapter_config.json (not an adapter or run dir)")
+    check_adapter_files(adapter, heads_required=not args.allow_fresh_head)  # before minutes of model loading
     config, overrides = _split_items(args.items)
     config = config or _config_near(adapter)
     if config is None and not args.preset:
@@ -311,11 +320,25 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _known_error(err: BaseException) -> bool:
-    """Errors in what the user gave (config, files, data, models): a one-line message, exit 2."""
+    """Errors in what the user gave (config, files, data, models, adapters, a run dir another process
+    owns, an unusable registry) and runs that produced no result (NaN): a one-line message, exit 2.
+    Anything else (AttributeError, a KeyError, TypeError... inside loralab or an experiment) is a bug."""
     from loralab.engine.experiment import UnknownExperimentError
+    from loralab.engine.runs import RegistryError, RunBusyError, RunNotFound
 
-    return isinstance(err, (ConfigError, UsageError, UnknownExperimentError, OSError, ModuleNotFoundError,
-                            UnicodeDecodeError, json.JSONDecodeError, ValueError))
+    known: tuple[type, ...] = (ConfigError, UsageError, UnknownExperimentError, OSError, ModuleNotFoundError,
+                               UnicodeDecodeError, json.JSONDecodeError, ValueError, RegistryError, RunBusyError,
+                               RunNotFound)
+    runner = sys.modules.get("loralab.engine.runner")  # imported by the commands that can raise RunFailed
+    if runner is not None:
+        known += (runner.RunFailed,)
+    return isinstance(err, known)
+
+
+def _one_line(message: str) -> str:
+    """A message on one line: its lines joined with "; " (a YAML error's caret art dropped)."""
+    lines = [line.strip() for line in message.splitlines()]
+    return "; ".join(line for line in lines if line and set(line) - set("^ "))
 
 
 PASSTHROUGH = {"analyze": cmd_analyze, "report": cmd_report}
@@ -357,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LORALAB_DEBUG"):
             traceback.print_exc()
         if _known_error(err):
-            message = str(err) if not isinstance(err, KeyError) else err.args[0]
-            print(f"loralab {args.command}: error: {message}", file=sys.stderr)
+            message = str(err) if not isinstance(err, KeyError) else str(err.args[0])
+            print(f"loralab {args.command}: error: {_one_line(message)}", file=sys.stderr)
             return 2
         traceback.print_exc()
         print(f"loralab {args.command}: failed: {err.__class__.__name__}: {err}\n"

@@ -46,6 +46,8 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="adapter dir (default: the run's adapter)")
     p.add_argument("--preset")
     p.add_argument("--base-only", action="store_true", help="evaluate the base model without any adapter")
+    p.add_argument("--allow-fresh-head", action="store_true",
+                   help="evaluate even when the adapter lacks this model's head (a freshly initialised one is used)")
     p.set_defaults(func=commands.cmd_eval)
 
     p = sub.add_parser("merge", help="merge an adapter into its base and save a Hugging Face model dir")
@@ -53,6 +55,8 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--preset")
+    p.add_argument("--allow-fresh-head", action="store_true",
+                   help="merge even when the adapter lacks its head (a freshly initialised one is saved)")
     p.set_defaults(func=commands.cmd_merge)
 
     p = sub.add_parser("runs", help="list, show or compare runs")

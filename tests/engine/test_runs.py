@@ -20,7 +20,9 @@ from loralab.engine.runs import compare_runs, create_run, get_run, list_runs, op
 
 
 def _cfg(*overrides):
-    return load_config(None, ["experiment=glue", *overrides])
+    if not any(o.startswith("experiment=") for o in overrides):
+        overrides = ("experiment=glue", *overrides)  # a config needs its experiment (any will do here)
+    return load_config(None, list(overrides))
 
 
 def test_create_run_layout_config_env_and_registry(tmp_path, monkeypatch):
@@ -119,7 +121,7 @@ def test_resume_is_refused_while_another_live_process_runs_it(tmp_path):
     try:
         owner = json.loads((run.dir / "running.json").read_text())
         (run.dir / "running.json").write_text(json.dumps({**owner, "pid": other.pid}))
-        with pytest.raises(RuntimeError, match=f"still being run by process {other.pid}"):
+        with pytest.raises(R.RunBusyError, match=f"still being run by process {other.pid}"):
             open_run(run.dir).mark_running()
     finally:
         other.kill()

@@ -133,7 +133,14 @@ def read_config(directory: str | Path) -> LoraConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid UTF-8 JSON ({err}): the file is damaged; restore it or "
+                               "save the adapter again") from None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{path} holds a JSON {type(raw).__name__}, not an object of adapter settings; "
+                               "restore it or save the adapter again")
     ours = {f.name for f in fields(LoraConfig)}
     kwargs = {}
     for key, value in raw.items():
@@ -154,7 +161,55 @@ def read_config(directory: str | Path) -> LoraConfig:
         kwargs["target_modules"] = sorted(set(kwargs["target_modules"]))
     if kwargs.get("modules_to_save"):  # PEFT appends its task head defaults ("classifier", "score")
         kwargs["modules_to_save"] = list(dict.fromkeys(kwargs["modules_to_save"]))
-    return LoraConfig(**kwargs)
+    try:
+        return LoraConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{path}: settings this loralab cannot use ({err}); restore the file or save the "
+                               "adapter again") from None
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory is damaged or holds something loralab will not load (a pickle)."""
+
+
+def check_adapter_files(directory: str | Path, heads_required: bool = True
+                        ) -> tuple[LoraConfig, dict[str, tuple[int, ...]]]:
+    """Validate an adapter dir before anything is built from it: its config parses, its weights are a
+    complete safetensors file (never a pickle: ``adapter_model.bin`` is refused unopened), and every
+    ``modules_to_save`` head it lists is in the file (``heads_required``; a warm start for another label
+    count re-creates the head on purpose). Returns (config, {file key: shape})."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter dir {directory} not found (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    cfg = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").exists():
+            raise AdapterFileError(
+                f"{directory} holds adapter_model.bin, a pickle, and no {WEIGHTS_NAME}: loralab never unpickles "
+                "(loading a pickle can run any code). Convert it where you trust it: "
+                "safetensors.torch.save_file(torch.load('adapter_model.bin', weights_only=True), "
+                f"'{WEIGHTS_NAME}')")
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}: the adapter's weights are missing")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            broken = [k for k in f.keys() if f.get_slice(k).get_dtype() not in ("I64", "I32", "I16", "I8", "U8", "BOOL")
+                      and not bool(torch.isfinite(f.get_tensor(k)).all())]
+    except (SafetensorError, OSError) as err:
+        raise AdapterFileError(f"{weights} is not a readable safetensors file ({err}): it is truncated or damaged; "
+                               "restore it or save the adapter again") from None
+    if broken:
+        raise AdapterFileError(f"{weights}: {len(broken)} tensor(s) hold NaN/Inf (e.g. {broken[0]}): the training that "
+                               "saved it diverged, so it computes no usable output; retrain with a lower train.lr")
+    listed = list(dict.fromkeys(cfg.modules_to_save or []))
+    if heads_required and listed and not any(_under_module(k, entry) for k in shapes for entry in listed):
+        raise AdapterFileError(
+            f"{weights} holds no tensor of its head (modules_to_save {listed}): evaluating or merging it would use "
+            "a freshly initialised head. Restore the adapter, or pass --allow-fresh-head if that is what you want")
+    return cfg, shapes
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default",

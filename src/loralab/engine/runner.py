@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 import traceback
@@ -32,6 +33,101 @@ RESUME_SAFE_KEYS = ("train.epochs", "train.max_steps", "train.quiet", "train.log
 
 class Interrupted(Exception):
     """The trainer stopped on Ctrl-C / SIGTERM and returned (after saving a checkpoint); exit code 130."""
+
+
+class RunFailed(Exception):
+    """The run ran but produced no result to trust (a NaN loss or evaluation): the run is marked failed and
+    the CLI prints this message (exit 2); it is not a bug of loralab, and there is no traceback."""
+
+
+# The config's default lora.target_modules ["query", "value"] means W_q and W_v in the architecture's own
+# names (tasks/common/setup.QV_NAMES, which tests/engine/test_runner.py keeps equal to this).
+QV_PAIRS = ({"query", "value"}, {"q", "v"}, {"q_lin", "v_lin"}, {"query_proj", "value_proj"}, {"q_proj", "v_proj"})
+DEFAULT_TARGETS = ["query", "value"]
+LORA_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern")
+"""What an adapter fixes about the LoRA it carries: a warm start must be configured the same."""
+
+
+def _targets(value: Any, fused: dict | None) -> Any:
+    if isinstance(value, str):
+        return value
+    return sorted(set(value or []) | set(fused or {}))
+
+
+def lora_differences(lora: Any, saved: Any) -> dict[str, tuple[Any, Any]]:
+    """{key: (config's value, adapter's value)} for the LoRA settings where the run's ``lora`` section and
+    the adapter's config (a core ``LoraConfig``) disagree."""
+    diffs = {}
+    for key in LORA_KEYS:
+        mine, theirs = getattr(lora, key), getattr(saved, key)
+        if key == "target_modules":
+            theirs = _targets(theirs, saved.fused_qkv)
+            if mine == DEFAULT_TARGETS and not lora.fused_qkv and (set(theirs) in QV_PAIRS or saved.fused_qkv):
+                continue  # W_q, W_v in this architecture's names
+            mine = _targets(mine, lora.fused_qkv)
+        elif key in ("r", "lora_alpha"):
+            mine, theirs = float(mine), float(theirs)
+        elif key in ("rank_pattern", "alpha_pattern"):
+            mine, theirs = dict(mine or {}), dict(theirs or {})
+        if mine != theirs:
+            diffs[key] = (getattr(lora, key), getattr(saved, key))
+    return diffs
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_warm_start(cfg: RunConfig) -> None:
+    """Before a run dir exists: ``lora.init_from``'s files are sound, and its LoRA settings are the config's.
+
+    The adapter fixes its rank, alpha and targets; training it under a config that says otherwise would
+    record a run that never happened (config.yaml r=16 while r=4 trains). So a mismatch is refused, naming
+    the overrides that describe the adapter."""
+    if not cfg.lora.init_from or cfg.lora.method != "lora":
+        return
+    from loralab.core.adapter_io import check_adapter_files
+    from loralab.engine.config import ConfigError
+
+    saved, _ = check_adapter_files(cfg.lora.init_from, heads_required=False)
+    diffs = lora_differences(cfg.lora, saved)
+    if diffs:
+        said = ", ".join(f"lora.{k}={_fmt(mine)}" for k, (mine, _) in diffs.items())
+        fix = " ".join(f"lora.{k}={_fmt(theirs)}" for k, (_, theirs) in diffs.items())
+        raise ConfigError(f"lora.init_from={cfg.lora.init_from} is an adapter with other LoRA settings than this "
+                          f"run's ({said}); a warm start continues the adapter as it is: set {fix}")
+
+
+def adapter_config(cfg: RunConfig, adapter: str | Path, allow_fresh_head: bool = False) -> RunConfig:
+    """``cfg`` evaluating ``adapter``: its files checked (a head it lists must be in it unless
+    ``allow_fresh_head``), its LoRA settings recorded in the config (they, not the config, say what runs)."""
+    from loralab.core.adapter_io import check_adapter_files
+
+    saved, _ = check_adapter_files(adapter, heads_required=not allow_fresh_head)
+    settings = {k: getattr(saved, k) for k in LORA_KEYS if k != "target_modules"}
+    targets = saved.target_modules if isinstance(saved.target_modules, str) else \
+        sorted(set(saved.target_modules or []) - set(saved.fused_qkv or {}))
+    if targets or saved.fused_qkv:
+        settings.update(target_modules=targets or cfg.lora.target_modules, fused_qkv=dict(saved.fused_qkv or {}))
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, init_from=str(adapter), method="lora",
+                                                              **settings))
+
+
+def check_head_loaded(built: Built, adapter: Any) -> None:
+    """After build with an adapter: refuse a model whose head was re-created instead of loaded."""
+    warm = (built.state.get("method") or {}).get("warm_start") if isinstance(built.state, dict) else None
+    if isinstance(warm, dict) and warm.get("head_loaded") is False:
+        from loralab.core.adapter_io import AdapterFileError
+
+        raise AdapterFileError(f"adapter {adapter} does not carry this model's head (it was re-created with a fresh "
+                               "initialisation): its scores would be those of an untrained head. Use the adapter of "
+                               "this task, or pass --allow-fresh-head if that is what you want")
 
 
 def changed_keys(saved: RunConfig, cfg: RunConfig) -> list[str]:
@@ -89,11 +185,28 @@ def measure_baseline(experiment: Any, built: Built, run_dir: Path | None) -> Bas
     return baseline
 
 
-def result_record(cfg: RunConfig, result: Result, started: float) -> dict[str, Any]:
-    """``results.json``: the result in the common schema, plus what ran (``run``)."""
+def _non_finite(result: Result) -> dict[str, Any]:
+    values = {result.main_metric: result.score, **(result.metrics or {})}
+    return {k: v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)}
+
+
+def result_record(cfg: RunConfig, result: Result, started: float, fit: Any = None) -> dict[str, Any]:
+    """``results.json``: the result in the common schema, plus what ran (``run``).
+
+    A non-finite score or metric is no result (``RunFailed``). A fit that diverged (the trainer's rule) is
+    recorded as ``details.diverged`` and is never ``learned``."""
+    broken = _non_finite(result)
+    if broken:
+        raise RunFailed(f"the final evaluation returned non-finite {broken}: the model's outputs are NaN/Inf, so "
+                        "this is no score. For a trained run, check train/loss in metrics.jsonl and lower "
+                        "train.lr or set train.max_grad_norm; for an adapter, its weights hold NaN/Inf")
     if not result.wall_seconds:
         result.wall_seconds = time.time() - started
     record = result.to_dict()
+    if getattr(fit, "diverged", False):
+        record["learned"] = False
+        record["details"] = {**(record.get("details") or {}), "diverged": True}
     record["run"] = {"name": cfg.run_name, "model": cfg.model.name, "task": cfg.task_label,
                      "method": cfg.lora.method, "seed": cfg.train.seed}
     return record
@@ -109,8 +222,12 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, run_dir: str 
     ``opened``: a run already opened by this process, trained from step 0 in its own dir."""
     from loralab.engine.trainer import fit  # lazily: the trainer pulls in torch
 
+    from loralab.engine.trainer import NonFiniteLossError, NonFiniteMetricError
+
     started = time.time()
     experiment = get_experiment(cfg.experiment)  # import problems surface before a run dir exists
+    if resume is None and opened is None:
+        check_warm_start(cfg)  # a damaged or mismatched lora.init_from: refused before a run dir exists
     run, path = (opened, opened.dir) if opened is not None else _main_process_run(cfg, resume, run_dir)
     try:
         built = experiment.build(cfg)
@@ -118,35 +235,53 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, run_dir: str 
         fit_result = fit(built.model, built.task, cfg.train, run_dir=path, resume=resume is not None)
         if getattr(fit_result, "status", None) == "interrupted":
             raise Interrupted()
-        results = result_record(cfg, experiment.report(built, fit_result, path), started) if run else {}
+        if run is not None:
+            results = result_record(cfg, experiment.report(built, fit_result, path), started, fit_result)
+            run.finish(results)  # inside: a full disk here marks the run failed, it does not stay "running"
+        else:
+            results = {}
     except (KeyboardInterrupt, Interrupted):
         if run is not None:
             run.fail(f"interrupted; resume with: loralab train --resume {run.dir}", status="interrupted")
         raise
+    except (NonFiniteLossError, NonFiniteMetricError, RunFailed) as err:
+        if run is not None:
+            run.fail(f"{type(err).__name__}: {err}")
+        raise err if isinstance(err, RunFailed) else RunFailed(str(err)) from err
     except BaseException:
         if run is not None:
             run.fail(traceback.format_exc())
         raise
-    if run is not None:
-        run.finish(results)
     return run, results
 
 
-def evaluate(cfg: RunConfig, adapter: str | Path | None) -> tuple[Any, dict]:
-    """Evaluate ``adapter`` (None: the base model) with the experiment's report; recorded as a new run."""
-    cfg = dataclasses.replace(cfg, name=f"eval-{cfg.run_name}",
-                              lora=dataclasses.replace(cfg.lora, init_from=str(adapter) if adapter else None))
+def evaluate(cfg: RunConfig, adapter: str | Path | None, allow_fresh_head: bool = False) -> tuple[Any, dict]:
+    """Evaluate ``adapter`` (None: the base model) with the experiment's report; recorded as a new run.
+
+    The adapter is checked before the run is created (damaged files, a pickle, a head it lists but lacks);
+    its LoRA settings go into the run's config; a head re-created instead of loaded is refused unless
+    ``allow_fresh_head``; a non-finite score is an error (``RunFailed``), never a result."""
+    if adapter:
+        cfg = adapter_config(cfg, adapter, allow_fresh_head)
+    else:
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, init_from=None))
+    cfg = dataclasses.replace(cfg, name=f"eval-{cfg.run_name}")
     started = time.time()
     experiment = get_experiment(cfg.experiment)
     run = create_run(cfg)
     try:
         built = experiment.build(cfg)
+        if adapter and not allow_fresh_head:
+            check_head_loaded(built, adapter)
         built.baseline = measure_baseline(experiment, built, run.dir)
         results = result_record(cfg, experiment.report(built, None, run.dir), started)
+        run.finish(results)
+    except RunFailed as err:
+        run.fail(f"{type(err).__name__}: {err}")
+        raise
     except BaseException:
         run.fail(traceback.format_exc())
         raise
-    run.finish(results)
     return run, results
 
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -56,11 +57,45 @@ class RunRecord:
     error: str | None
 
 
-def _connect(root: Path) -> sqlite3.Connection:
-    root.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(root / REGISTRY, timeout=60.0)  # waits on other writers instead of failing
-    con.execute(_SCHEMA)
-    return con
+class RegistryError(Exception):
+    """``runs.sqlite`` cannot be read or written (corrupt, not a database, disk full, read-only)."""
+
+
+class RunNotFound(KeyError):
+    """No run of that id, prefix or dir in the registry."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RunBusyError(Exception):
+    """Another live process on this host runs this run: it is not taken over."""
+
+
+@contextmanager
+def _registry(root: Path):
+    """A connection to ``<root>/runs.sqlite`` (committed and closed on exit); any sqlite failure becomes a
+    ``RegistryError`` that names the file and the way out."""
+    path = Path(root) / REGISTRY
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(path, timeout=60.0)  # waits on other writers instead of failing
+    except sqlite3.Error as err:
+        raise RegistryError(f"cannot open the run registry {path}: {err}") from None
+    try:
+        # PERSIST keeps the rollback journal file allocated between writes, so a small update (a run marked
+        # failed) still fits when the disk has filled up since
+        con.execute("PRAGMA journal_mode=PERSIST")
+        with con:
+            con.execute(_SCHEMA)
+            yield con
+    except sqlite3.DatabaseError as err:
+        hint = ("free disk space and retry" if "full" in str(err) else
+                f"move it away (e.g. mv {path} {path}.broken) and the next run starts a new registry; "
+                "the run dirs beside it are untouched")
+        raise RegistryError(f"the run registry {path} is unusable ({err}): {hint}") from None
+    finally:
+        con.close()
 
 
 def _now() -> str:
@@ -151,9 +186,8 @@ class Run:
 
     def _update(self, **columns: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in columns)
-        with _connect(self.root) as con:
+        with _registry(self.root) as con:
             con.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*columns.values(), self.id))
-        con.close()
 
     def finish(self, results: dict[str, Any], status: str = "completed") -> Path:
         """Write results.json atomically (tmp + os.replace) and record status and headline metrics."""
@@ -167,17 +201,29 @@ class Run:
         return path
 
     def fail(self, message: str, status: str = "failed") -> None:
-        """Record a failed (or ``status="interrupted"``) run; the message goes to error.txt too."""
-        (self.dir / "error.txt").write_text(message.rstrip() + "\n")
-        self._update(status=status, finished=_now(), error=message[-2000:])
-        (self.dir / OWNER).unlink(missing_ok=True)
+        """Record a failed (or ``status="interrupted"``) run: the registry row first (small: it survives a
+        full disk more often than a file does), then error.txt and the owner file, each best effort, so
+        that one failing write (disk full) does not leave the run looking alive."""
+        errors = []
+        for write in (lambda: self._update(status=status, finished=_now()),  # the row keeps its size
+                      lambda: self._update(error=message[-2000:]),
+                      lambda: (self.dir / "error.txt").write_text(message.rstrip() + "\n"),
+                      lambda: (self.dir / OWNER).unlink(missing_ok=True)):
+            try:
+                write()
+            except (OSError, RegistryError) as err:
+                errors.append(err)
+        if errors:
+            print(f"loralab: could not record the failure of run {self.id[:8]} completely: "
+                  + "; ".join(map(str, errors)), file=sys.stderr)
 
     def mark_running(self) -> None:
         """Take the run over (resume); refused while another live process on this host still runs it."""
         owner = _live_owner(self.dir)
         if owner is not None and owner != os.getpid():
-            raise RuntimeError(f"run {self.id[:8]} ({self.dir}) is still being run by process {owner} on this host; "
-                               "stop that process first (two writers would corrupt its checkpoints)")
+            raise RunBusyError(f"run {self.id[:8]} ({self.dir}) is still being run by process {owner} on this host; "
+                               "wait for it to end or stop it first (two writers would corrupt its checkpoints); "
+                               "nothing of the run was changed")
         self._update(status="running", finished=None, error=None)
         _write_owner(self.dir)
 
@@ -243,14 +289,13 @@ def create_run(cfg: RunConfig, root: str | Path | None = None, run_dir: str | Pa
         root = Path(root if root is not None else cfg.out_dir)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = root / f"{stamp}-{_slug(cfg.run_name)}-{run_id[:8]}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
-    with _connect(root) as con:
+    with _registry(root) as con:  # an unusable registry fails before the run dir exists
+        run_dir.mkdir(parents=True, exist_ok=False)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
         con.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, cfg.run_name, cfg.experiment, cfg.model.name, cfg.task_label, "running", created,
                      None, run_dir.name, "{}", None))
-    con.close()
     _write_owner(run_dir)
     return Run(root, run_id, run_dir)
 
@@ -268,9 +313,8 @@ def list_runs(root: str | Path) -> list[RunRecord]:
     root = Path(root)
     if not (root / REGISTRY).exists():
         return []
-    with _connect(root) as con:
+    with _registry(root) as con:
         rows = con.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
-    con.close()
     return [_record(root, row) for row in rows]
 
 
@@ -283,10 +327,11 @@ def get_run(root: str | Path, id_or_prefix: str) -> RunRecord:
     if not matches:
         matches = [r for r in runs if r.dir.name.startswith(key)]
     if not matches:
-        raise KeyError(f"no run {id_or_prefix!r} in {root / REGISTRY} ({len(runs)} runs; see `loralab runs list`)")
+        raise RunNotFound(f"no run {id_or_prefix!r} in {root / REGISTRY} ({len(runs)} runs; see `loralab runs list "
+                          f"--root {root}`)")
     if len(matches) > 1:
         names = ", ".join(f"{r.id[:8]} ({r.name})" for r in matches[:5])
-        raise KeyError(f"run id prefix {id_or_prefix!r} is ambiguous: {names}; give more characters")
+        raise RunNotFound(f"run id prefix {id_or_prefix!r} is ambiguous: {names}; give more characters")
     return matches[0]
 
 
@@ -295,7 +340,12 @@ def open_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run dir (no config.yaml)")
-    record = get_run(run_dir.parent, run_dir.name)
+    try:
+        record = get_run(run_dir.parent, run_dir.name)
+    except RunNotFound:
+        raise RunNotFound(f"{run_dir} is not in the run registry {run_dir.parent / REGISTRY} (a copied or moved "
+                          "run dir?): resume it where it was created, or start a new run with its config.yaml "
+                          f"(loralab train {run_dir / 'config.yaml'})") from None
     return Run(run_dir.parent, record.id, run_dir)
 
 

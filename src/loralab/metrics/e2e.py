@@ -121,6 +121,16 @@ def read_references(path: str, n_outputs: int | None = None) -> list[list[str]]:
 
 def read_e2e_csv(path: str) -> list[tuple[str, str]]:
     """Rows (mr, ref) of an E2E CSV with header ``mr,ref`` (extra columns are ignored)."""
+    try:
+        return _read_e2e_rows(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 (byte {err.object[err.start:err.start + 1]!r} at offset {err.start}): "
+                         "E2E CSVs are UTF-8; re-encode it (e.g. iconv -f latin1 -t utf-8)") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: not a readable CSV ({err}); is a quote left open?") from None
+
+
+def _read_e2e_rows(path: str) -> list[tuple[str, str]]:
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
@@ -135,7 +145,8 @@ def read_e2e_csv(path: str) -> list[tuple[str, str]]:
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) != len(header):
-                raise ValueError(f"{path}, record {line_no}: {len(row)} fields, header has {len(header)}")
+                raise ValueError(f"{path}, record {line_no}: {len(row)} fields, the header has {len(header)} "
+                                 f"({','.join(header)}); is the line cut short or a quote left open?")
             mr, ref = row[i_mr].strip(), row[i_ref].strip()
             if not mr:
                 raise ValueError(f"{path}, record {line_no}: empty MR")

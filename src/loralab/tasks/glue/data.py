@@ -122,37 +122,47 @@ def read_tsv(path: str | Path, columns: tuple[str, ...] | None = None,
     header is an error naming file and line (or skipped, counted on stderr, with ``skip_malformed``)."""
     path = Path(path)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = list(columns) if columns is not None else next(reader, None)
-        if not header:
-            raise GlueDataError(f"{path} is empty: expected a tab-separated header row")
-        header = [h.strip() for h in header]
-        rows, skipped = [], []
-        for values in reader:
-            if not values or values == [""]:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return _read_rows(path, csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), columns,
+                              skip_malformed)
+    except UnicodeDecodeError as err:
+        raise GlueDataError(f"{path} is not UTF-8 (byte {err.object[err.start:err.start + 1]!r} at offset "
+                            f"{err.start}): GLUE files are UTF-8; re-encode it (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _read_rows(path: Path, reader: Any, columns: tuple[str, ...] | None, skip_malformed: bool) -> list[dict[str, str]]:
+    header = list(columns) if columns is not None else next(reader, None)
+    if not header:
+        raise GlueDataError(f"{path} is empty: expected a tab-separated header row")
+    header = [h.strip() for h in header]
+    rows, skipped = [], []
+    for values in reader:
+        if not values or values == [""]:
+            continue
+        if len(values) < len(header):
+            if skip_malformed:
+                skipped.append(reader.line_num)
                 continue
-            if len(values) < len(header):
-                if skip_malformed:
-                    skipped.append(reader.line_num)
-                    continue
-                raise GlueDataError(
-                    f"{path}, line {reader.line_num}: {len(values)} tab-separated fields, the header has "
-                    f"{len(header)} ({header}). Is this the GLUE release file? To drop such rows set "
-                    "read_tsv(..., skip_malformed=True).")
-            rows.append(dict(zip(header, values)))
+            raise GlueDataError(
+                f"{path}, line {reader.line_num}: {len(values)} tab-separated fields, the header has "
+                f"{len(header)} ({header}). Is this the GLUE release file? To drop such rows set "
+                "read_tsv(..., skip_malformed=True).")
+        rows.append(dict(zip(header, values)))
     if skipped:
         print(f"[glue] {path}: skipped {len(skipped)} malformed rows (lines {skipped[:10]}...)", file=sys.stderr)
     return rows
 
 
 def parse_rows(task: GlueTask, rows: list[dict[str, str]], source: str) -> list[dict[str, Any]]:
-    """Release rows -> examples {text fields..., "label"}; unknown labels and missing columns are errors."""
-    if rows:
-        missing = [c for c in (*task.text_fields, task.label_field) if c not in rows[0]]
-        if missing:
-            raise GlueDataError(f"{source}: columns {missing} missing; found {list(rows[0])}. "
-                                f"{task.dir_name} files need columns {[*task.text_fields, task.label_field]}.")
+    """Release rows -> examples {text fields..., "label"}; no rows, unknown labels and missing columns are
+    errors."""
+    if not rows:
+        raise GlueDataError(f"{source}: no data rows (a header at most); a GLUE {task.dir_name} file needs examples")
+    missing = [c for c in (*task.text_fields, task.label_field) if c not in rows[0]]
+    if missing:
+        raise GlueDataError(f"{source}: columns {missing} missing; found {list(rows[0])}. "
+                            f"{task.dir_name} files need columns {[*task.text_fields, task.label_field]}.")
     label_ids = {v: i for i, v in enumerate(task.label_values or ())}
     examples = []
     for n, row in enumerate(rows):
@@ -165,7 +175,8 @@ def parse_rows(task: GlueTask, rows: list[dict[str, str]], source: str) -> list[
         elif raw in label_ids:
             label = label_ids[raw]
         else:
-            raise GlueDataError(f"{source}, row {n}: label {raw!r} not in {list(label_ids)}")
+            raise GlueDataError(f"{source}, row {n}: label {raw!r} not in {list(label_ids)} (the {task.dir_name} "
+                                "labels); fix or drop that row")
         examples.append({**{f: row[f] for f in task.text_fields}, "label": label})
     return examples
 
@@ -181,8 +192,9 @@ def task_files(task: GlueTask, data_dir: str | Path, splits: tuple[str, ...] | l
     if missing:
         raise GlueDataError(
             f"GLUE task {task.dir_name}: expected file(s) not found: {', '.join(missing)}. "
-            f"data.dir must hold the GLUE release layout <dir>/{task.dir_name}/"
-            f"{{{','.join(task.files[s] for s in splits)}}}; or use data.source=hub (needs `datasets` and internet).")
+            f"Set data.data_dir to a folder with the GLUE release layout <dir>/{task.dir_name}/"
+            f"{{{','.join(task.files[s] for s in splits)}}}, or data.data_dir=hub (the Hub's GLUE: needs `datasets` "
+            "and internet).")
     return paths
 
 
@@ -197,8 +209,8 @@ def load_split_hub(task: GlueTask, split: str, cache_dir: str | None = None) -> 
         import datasets  # noqa: PLC0415 — optional, only for users online
     except ImportError:
         raise ImportError(
-            "data.source=hub needs the `datasets` package (pip install datasets) and internet access; "
-            f"offline, use data.source=tsv with data.dir holding {task.dir_name}/{task.files.get(split, '?')}"
+            "data.data_dir=hub needs the `datasets` package (pip install datasets) and internet access; "
+            f"offline, set data.data_dir to a folder holding {task.dir_name}/{task.files.get(split, '?')}"
         ) from None
     hub_split = task.hub_splits.get(split, "validation" if split == "dev" else split)
     ds = datasets.load_dataset("nyu-mll/glue", task.hub_config, split=hub_split, cache_dir=cache_dir)
@@ -216,8 +228,8 @@ def load_split(task: GlueTask, split: str, source: str = "tsv", data_dir: str | 
                skip_malformed: bool = False) -> list[dict]:
     if source == "tsv":
         if data_dir is None:
-            raise GlueDataError("data.source=tsv needs data.dir (the folder holding CoLA/, SST-2/, ...)")
+            raise GlueDataError("reading GLUE TSVs needs data.data_dir (the folder holding CoLA/, SST-2/, ...)")
         return load_split_tsv(task, data_dir, split, skip_malformed)
     if source == "hub":
         return load_split_hub(task, split)
-    raise GlueDataError(f"data.source must be 'tsv' or 'hub', got {source!r}")
+    raise GlueDataError(f"GLUE source must be 'tsv' or 'hub', got {source!r}")
