@@ -199,9 +199,6 @@ def test_sigkill_then_resume_is_bit_identical(faults, driver, tmp_path, toy_refe
     assert len(steps) == len(set(steps))  # no step logged twice after the resume
 
 
-@pytest.mark.xfail(strict=True, reason="engine/config.py: load_config counts every key of a config FILE as set "
-                   "explicitly, so the saved config.yaml of a lora.method=full/bitfit/linear_probe run (which lists "
-                   "the lora defaults) is refused: such runs cannot be resumed, evaluated or finished by a sweep")
 def test_a_full_fine_tuning_run_can_be_resumed(driver, tmp_path):
     p = loralab(driver, *TOY, "lora.method=full", f"out_dir={tmp_path / 'runs'}", kill_step=10)
     assert p.returncode == -signal.SIGKILL
