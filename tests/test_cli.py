@@ -508,3 +508,16 @@ def test_dry_run_prints_the_counts_by_kind_of_the_method(capsys, tmp_path, monke
     assert {k: v["trainable"] for k, v in counts["by_kind"].items() if v["trainable"]} == {kind: count, "head": HEAD}
     assert counts["by_kind"][kind]["total"] == count
     assert not (tmp_path / "runs").exists()  # no run was created, nothing trained
+
+
+def test_a_run_ends_with_its_summary_and_report(capsys, tmp_path, fake):
+    code, out, err = _run(capsys, "train", *F, f"out_dir={tmp_path}")
+    assert code == 0, err
+    (record,) = list_runs(tmp_path)
+    lines = out.splitlines()
+    assert "accuracy 0.875 (higher is better)  baseline 0.5 (majority class)  -> learned" in out
+    assert lines[-1] == f"  report {record.dir / 'report' / 'index.html'}"
+    page = (record.dir / "report" / "index.html").read_text()
+    assert "0.875" in page and "0.5" in page
+    code, out, _ = _run(capsys, "train", *F, f"out_dir={tmp_path / 'q'}", "--quiet")  # quiet: no report
+    assert code == 0 and "report" not in out

@@ -64,7 +64,7 @@ def _config_near(adapter_dir: Path) -> Path | None:
     return None
 
 
-def _print_summary(run: Any, results: dict) -> None:
+def _print_summary(run: Any, results: dict, report: bool = False) -> None:
     """A few lines a person reads: the score beside its baseline, learned or not, time, where things are."""
     print(f"run {run.id[:8]} completed: {run.dir}")
     if "score" not in results:
@@ -83,6 +83,18 @@ def _print_summary(run: Any, results: dict) -> None:
               "not to be trusted; lower train.lr, set train.max_grad_norm or add warmup", file=sys.stderr)
     print(f"  params trainable {results['params']['trainable']:,} of {results['params']['total']:,}; "
           f"wall {results.get('wall_seconds', 0):.0f} s; {results.get('tokens_per_second', 0):,.0f} tokens/s")
+    if report:
+        print(f"  report {_write_report(Path(run.dir))}")
+
+
+def _write_report(run_dir: Path) -> str:
+    """The run's HTML report in <run_dir>/report (a report that cannot be made never fails the run)."""
+    try:
+        from loralab.report.commands import build
+
+        return str(build([run_dir], run_dir / "report", presets=list_presets()))
+    except Exception as err:  # noqa: BLE001 - the run is finished and recorded; say why there is no page
+        return f"not written ({type(err).__name__}: {err}); make it with: loralab report {run_dir} --out DIR"
 
 
 # ---------------------------------------------------------------- commands
@@ -111,10 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run, results = runner.run_at(cfg, args.run_dir)
     else:
         run, results = runner.run_training(cfg, resume=args.resume)
-    if run is not None and not results.get("details", {}).get("summary"):
-        _print_summary(run, results)
-    elif run is not None:
-        print(f"run {run.id[:8]} completed: {run.dir}")  # the experiment printed its own summary block
+    if run is not None:
+        _print_summary(run, results, report=not cfg.train.quiet)
     return 0
 
 
@@ -158,7 +168,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"quickstart: {cfg.experiment}/{cfg.task_label} on {cfg.model.name}, runs under {cfg.out_dir}/", flush=True)
     run, results = runner.run_training(cfg)
     if run is not None:
-        _print_summary(run, results)
+        _print_summary(run, results, report=True)
     return 0
 
 
