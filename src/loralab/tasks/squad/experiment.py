@@ -28,8 +28,9 @@ trivial empty answer's score. ``learned`` needs F1 above the baseline by
 ``max(2, 100 * margin_for_rate(baseline_f1 / 100, n))`` points: two standard errors of a per-question
 score in [0, 1] with the baseline's mean (its variance is at most b (1 - b)), at least 2 points.
 
-No checkpoint is selected on the evaluation questions (``TaskSpec.metric=None``): the held-out loss
-computed during training (answer loss / span loss on the evaluation questions) is for monitoring only.
+Nothing is evaluated during training (``TaskSpec.evaluate=None``) and no checkpoint is selected on the
+evaluation questions: the model after the last step is the one reported (decoding is the expensive part,
+and selecting on the evaluation questions would be selecting on the test set).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from loralab.engine.task import TaskSpec
 from loralab.engine.typed_config import ConfigError, require
 from loralab.metrics.squad import score_predictions
 from loralab.tasks.common.batches import make_collate
-from loralab.tasks.common.causal_lm import heldout_loss, mean_token_loss
+from loralab.tasks.common.causal_lm import mean_token_loss
 from loralab.tasks.common.results import make_result, save_trained
 from loralab.tasks.common.sampling import subsample
 from loralab.tasks.common.setup import apply_method
@@ -223,7 +224,6 @@ def build_generative(cfg: Any, train: list[SquadExample], evaluation: list[Squad
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     train_feats, train_cut = build_train_features(tokenizer, train, data.max_length, fmt, data.keep)
     prompts, eval_cut = build_eval_prompts(tokenizer, evaluation, data.max_length, gen.max_new_tokens, fmt, data.keep)
-    held_feats, _ = build_train_features(tokenizer, evaluation, data.max_length, fmt, data.keep)
     torch.manual_seed(cfg.train.seed)  # the LoRA A init depends on it
     model, tokenizer = load_from_config(cfg.model, kind="causal_lm")
     if tokenizer.pad_token_id is None:
@@ -231,17 +231,12 @@ def build_generative(cfg: Any, train: list[SquadExample], evaluation: list[Squad
     pad = tokenizer.pad_token_id
     info = apply_method(model, cfg.lora, "CAUSAL_LM", list(cfg.lora.modules_to_save or []), cfg.model.name)
     collate = make_collate(pad)
-    held_out = [{"input_ids": f.input_ids, "labels": f.labels} for f in held_feats]
-    eval_batch = max(8, cfg.train.batch_size)
 
     def loss(m: nn.Module, batch: dict) -> torch.Tensor:
         return mean_token_loss(m, batch, label_smoothing=spec.label_smoothing)
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        return {"eval_loss": heldout_loss(m, held_out, collate, eval_batch)["eval_loss"]}
-
     spec = TaskSpec(train_dataset=[{"input_ids": f.input_ids, "labels": f.labels} for f in train_feats],
-                    collate=collate, loss=loss, evaluate=evaluate, metric=None, greater_is_better=False)
+                    collate=collate, loss=loss, evaluate=None, metric=None)
     stops = _stop_ids(tokenizer)
     config = _generation_config(gen, stops, pad)
 
@@ -341,29 +336,15 @@ def build_span(cfg: Any, train: list[SquadExample], evaluation: list[SquadExampl
     info = apply_method(model, cfg.lora, "QUESTION_ANS", heads, cfg.model.name)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = make_collate(pad)
-    eval_rows = _windows(eval_f, with_labels=True)
+    eval_rows = _windows(eval_f, with_labels=False)
     eval_batch = max(32, cfg.train.batch_size)
 
     def loss(m: nn.Module, batch: dict) -> torch.Tensor:
         out = _span_forward(m, batch)
         return span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"])
 
-    @torch.no_grad()
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        was_training = m.training
-        m.eval()
-        device = next(m.parameters()).device
-        total = 0.0
-        try:
-            for s in range(0, len(eval_rows), eval_batch):
-                batch = {k: v.to(device) for k, v in collate(eval_rows[s:s + eval_batch]).items()}
-                total += float(loss(m, batch)) * len(batch["input_ids"])
-        finally:
-            m.train(was_training)
-        return {"eval_loss": total / max(1, len(eval_rows))}
-
     spec = TaskSpec(train_dataset=_windows(train_f, with_labels=True), collate=collate, loss=loss,
-                    evaluate=evaluate, metric=None, greater_is_better=False)
+                    evaluate=None, metric=None)
 
     def predict(m: nn.Module) -> dict[str, str]:
         starts, ends = window_logits(m, eval_rows, collate, data.max_length, eval_batch)
