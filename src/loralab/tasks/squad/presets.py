@@ -5,9 +5,11 @@ by article, so no paragraph is in both); pass ``data.train_file=.../train-v1.1.j
 official training set instead.
 
 squad-cpu-gen
-    Minutes on 2 CPU cores: SmolLM2-135M, LoRA r=8 on q_proj, v_proj, answer-only loss in the seed's
-    format ``<Q> question <C> context <A> answer<eos>``, a seeded subset of part-a / part-b questions,
-    greedy decoding of at most 24 tokens.
+    Minutes on 2 idle CPU cores: SmolLM2-135M, LoRA r=8 on q_proj, v_proj, answer-only loss in the seed's
+    format ``<Q> question <C> context <A> answer<eos>``, 120 part-a questions (30 steps of 4), 100 part-b
+    questions, greedy decoding of at most 24 tokens. Measured (seed 0, 2 cores shared ~4x): F1 5.09 ->
+    27.01, EM 0.00 -> 19.00 (margin 4.4), no answer cut by the 384-token window; training 1,009 s,
+    decoding 781 s before (the un-adapted model rarely stops early) and 273 s after.
 squad-cpu-span
     Minutes on 2 CPU cores: MiniLM-L6, LoRA r=8 on query, value plus the fresh ``qa_outputs`` start/end head
     (trained and saved with the adapter), windows of 384 tokens with stride 128, 400 part-a questions,
