@@ -26,9 +26,9 @@ import torch
 
 from loralab.models.gguf_convert import convert_gguf, is_converted
 
-ModelKind = Literal["seq_cls", "causal_lm", "base"]
+ModelKind = Literal["seq_cls", "causal_lm", "base", "qa"]
 QuantType = Literal["nf4", "fp4", "int4"]
-_KINDS = ("seq_cls", "causal_lm", "base")
+_KINDS = ("seq_cls", "causal_lm", "base", "qa")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -171,20 +171,24 @@ def _auto_class(kind: str) -> Any:
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     return {"seq_cls": transformers.AutoModelForSequenceClassification,
-            "causal_lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel}[kind]
+            "causal_lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel,
+            "qa": transformers.AutoModelForQuestionAnswering}[kind]
 
 
 _NEW_HEAD = re.compile(r"^(classifier|score)\.")  # seq-cls heads transformers creates fresh
+_NEW_QA_HEAD = re.compile(r"^qa_outputs\.")  # the extractive-QA start/end head, created fresh
 
 
 def check_loading_info(info: dict[str, Any], kind: str, source: str) -> dict[str, list[str]]:
-    """Raise when weights other than a new classification head were left randomly initialized.
+    """Raise when weights other than a new classification head (seq_cls: ``classifier``/``score``;
+    qa: ``qa_outputs``) were left randomly initialized.
 
     A silently random encoder layer (wrong class, renamed checkpoint) would make every later number
     meaningless, so anything missing besides the seq-cls head is an error, as is a size mismatch.
     """
     missing = sorted(info.get("missing_keys", ()))
-    new_head = [k for k in missing if kind == "seq_cls" and _NEW_HEAD.match(k)]
+    new_head = [k for k in missing if (kind == "seq_cls" and _NEW_HEAD.match(k))
+                or (kind == "qa" and _NEW_QA_HEAD.match(k))]
     not_loaded = [k for k in missing if k not in new_head]
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
     if not_loaded or mismatched:
@@ -198,7 +202,8 @@ def load_model(name: str, kind: ModelKind = "causal_lm", num_labels: int | None 
                dtype: torch.dtype = torch.float32, quantize: QuantType | None = None,
                double_quant: bool = True, compute_dtype: torch.dtype | None = None,
                trust_remote_code: bool = False, block_size: int = 64, **kwargs: Any) -> torch.nn.Module:
-    """Load ``name`` as a ``seq_cls`` (needs ``num_labels``), ``causal_lm`` or ``base`` model.
+    """Load ``name`` as a ``seq_cls`` (needs ``num_labels``), ``causal_lm``, ``base`` or ``qa`` (extractive
+    question answering: a start/end ``qa_outputs`` head, created fresh) model.
 
     With ``quantize`` ("nf4", "fp4", "int4") the linear layers are stored in 4 bits (QLoRA, blocks of
     ``block_size`` weights per absmax) and the
@@ -210,6 +215,9 @@ def load_model(name: str, kind: ModelKind = "causal_lm", num_labels: int | None 
         raise ValueError("kind='seq_cls' needs num_labels (the number of classes; 1 for regression)")
     if kind != "seq_cls" and num_labels is not None:
         raise ValueError(f"num_labels only applies to kind='seq_cls', not {kind!r}")
+    if quantize is not None and kind == "qa":
+        raise NotImplementedError("4-bit loading of a 'qa' (span-extraction) model is not supported; "
+                                  "set model.quantize=none")
     if quantize is not None and quantize not in ("nf4", "fp4", "int4"):
         raise ValueError(f"quantize must be None, 'nf4', 'fp4' or 'int4', got {quantize!r}")
     path = resolve(name)
