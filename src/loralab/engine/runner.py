@@ -109,6 +109,9 @@ def adapter_config(cfg: RunConfig, adapter: str | Path, allow_fresh_head: bool =
     ``allow_fresh_head``), its LoRA settings recorded in the config (they, not the config, say what runs)."""
     from loralab.core.adapter_io import check_adapter_files
 
+    method = _saved_method(adapter)
+    if method != "lora":  # an adapter / prefix / ft_top2 dir: core.methods.load_method checks and loads it
+        return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, init_from=str(adapter), method=method))
     saved, _ = check_adapter_files(adapter, heads_required=not allow_fresh_head)
     settings = {k: getattr(saved, k) for k in LORA_KEYS if k != "target_modules"}
     targets = saved.target_modules if isinstance(saved.target_modules, str) else \
@@ -117,6 +120,15 @@ def adapter_config(cfg: RunConfig, adapter: str | Path, allow_fresh_head: bool =
         settings.update(target_modules=targets or cfg.lora.target_modules, fused_qkv=dict(saved.fused_qkv or {}))
     return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, init_from=str(adapter), method="lora",
                                                               **settings))
+
+
+def _saved_method(adapter: str | Path) -> str:
+    """The ``method`` an adapter dir's adapter_config.json records (PEFT's LoRA files have none: lora)."""
+    try:
+        saved = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "lora"  # unreadable: check_adapter_files says what is wrong with it
+    return str(saved.get("method") or "lora") if isinstance(saved, dict) else "lora"
 
 
 def check_head_loaded(built: Built, adapter: Any) -> None:

@@ -45,7 +45,7 @@ def _cfg(dirs, *overrides, task="sst2"):
 
 
 def _logits(model, built):
-    batch = built.task.collate(next(iter(built.task.eval_sets.values()))[:8])
+    batch = built.task.collate(next(iter(built.state["eval_sets"].values()))[:8])
     model.eval()
     with torch.no_grad():
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
