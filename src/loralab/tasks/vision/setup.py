@@ -15,7 +15,7 @@ from torch import nn
 
 from loralab.engine.schema import LoraSection
 from loralab.engine.typed_config import ConfigError
-from loralab.tasks.vision import accounting
+import loralab.tasks.vision.accounting as accounting
 
 MODEL_NAME = re.compile(r"(resnet18|resnet34|resnet50)(-small)?")
 METHODS = ("lora", "full", "linear_probe")
