@@ -326,7 +326,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 @contextmanager
 def disable_adapters(model: nn.Module):
-    """Temporarily the base model: merged adapters are unmerged, branches skipped; restored on exit."""
+    """Temporarily the base model: merged adapters are unmerged, branches skipped; restored on exit.
+    A model without LoRA layers (full fine-tuning, BitFit) is left as it is."""
     layers = [layer for _, layer in lora_modules(model)]
     state = [(layer, layer.adapters_disabled, list(layer.merged_adapters)) for layer in layers]
     wrappers = [(w, w.disabled) for w in _saved_wrappers(model)]

@@ -18,7 +18,6 @@ which reports the model after the last epoch.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,14 +133,14 @@ class E2EExperiment:
     def baseline(self, built: Built) -> Baseline:
         """The un-adapted model (LoRA adapters off; the untouched model before training; for prefix_layer a
         freshly loaded base) on the same MRs."""
-        from loralab.core.inject import disable_adapters, lora_modules
+        from loralab.core.inject import disable_adapters
 
         cfg, model = built.state["cfg"], built.model
         if cfg.lora.method in CHANGED_AT_INIT:
             from loralab.models.zoo import load_from_config
 
             model = load_from_config(cfg.model, kind="causal_lm")[0].to(next(built.model.parameters()).device)
-        off = disable_adapters(model) if any(True for _ in lora_modules(model)) else contextlib.nullcontext()
+        off = disable_adapters(model)  # a model without adapters is itself
         with off:
             outputs = generate_outputs(model, built.state["tokenizer"], built.state["mrs"], cfg.generate)
         scores = _scores(outputs, built.state["refs"], None)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -25,7 +24,7 @@ STUDY_MAX_NEW_TOKENS = 48
 
 
 def evaluate_run(built: Built, fit: Any, run_dir: str | Path | None) -> dict[str, Any]:
-    from loralab.core.inject import disable_adapters, lora_modules, trainable_report
+    from loralab.core.inject import disable_adapters, trainable_report
     from loralab.core.memory import memory_report
     import loralab.tasks.instruct.eval as ev
     import loralab.tasks.instruct.summary as qs
@@ -49,7 +48,7 @@ def evaluate_run(built: Built, fit: Any, run_dir: str | Path | None) -> dict[str
         tuned = ev.scored_heldout_loss(model, held, built.task.collate, batch, show and "held-out loss (fine-tuned)")
         result["generations"] = ev.side_by_side(model, tokenizer, ev.STUDY_PROMPTS, **study_kw)
     else:
-        scope = disable_adapters(model) if any(True for _ in lora_modules(model)) else contextlib.nullcontext()
+        scope = disable_adapters(model)  # a model without adapters is itself
         with scope:  # base_only: the zero adapter is off; full / bitfit: the model itself
             tuned = ev.scored_heldout_loss(model, held, built.task.collate, batch, show and "held-out loss")
             result["generations"] = [{"prompt": p, "output": o} for p, o in

@@ -15,7 +15,6 @@ adapter-present guard, and only then scores anything.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,11 +172,11 @@ class InstructExperiment:
 
     def baseline(self, built: Built) -> Baseline:
         """The un-adapted model's held-out loss (adapters off; before training the model is untouched)."""
-        from loralab.core.inject import disable_adapters, lora_modules
+        from loralab.core.inject import disable_adapters
         from loralab.tasks.instruct.eval import scored_heldout_loss
 
         model = built.model
-        off = disable_adapters(model) if any(True for _ in lora_modules(model)) else contextlib.nullcontext()
+        off = disable_adapters(model)  # a model without adapters is itself
         with off:
             loss = scored_heldout_loss(model, built.state["held"], built.task.collate, built.state["eval_batch"],
                                        not built.state["cfg"].train.quiet and "held-out loss (base)")

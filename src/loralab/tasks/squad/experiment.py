@@ -35,7 +35,6 @@ and selecting on the evaluation questions would be selecting on the test set).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -292,10 +291,10 @@ class SquadExperiment:
     def baseline(self, built: Built) -> Baseline:
         """The un-adapted model on the same questions (adapters and trained head copies off), and the
         empty answer's score beside it."""
-        from loralab.core.inject import disable_adapters, lora_modules
+        from loralab.core.inject import disable_adapters
 
         model = built.model
-        off = disable_adapters(model) if any(True for _ in lora_modules(model)) else contextlib.nullcontext()
+        off = disable_adapters(model)  # a model without adapters is itself
         with off:
             predictions, scores, seconds = self._score(built, model)
         empty = score_predictions(built.state["gold"], {qid: "" for qid in built.state["gold"]})
