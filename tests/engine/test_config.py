@@ -65,7 +65,7 @@ def test_unknown_yaml_key_at_any_level(tmp_path):
 def test_yaml_strings_are_coerced_by_annotated_type(tmp_path):
     # PyYAML reads 1e-8 and 1e3 (no dot) as strings; the annotations make them numbers.
     path = _yaml(tmp_path, """
-        train: {eps: 1e-8, lr: 5e-4, max_steps: 1e3, bf16: yes, betas: [0.9, 0.95], epochs: 2}
+        train: {eps: 1e-8, lr: 5e-4, max_steps: 1e3, keep_best: no, betas: [0.9, 0.95], epochs: 2}
         lora: {target_modules: q_proj, modules_to_save: "classifier, pooler", lora_alpha: 16}
         experiment: instruct
     """)
@@ -74,7 +74,7 @@ def test_yaml_strings_are_coerced_by_annotated_type(tmp_path):
     assert cfg.train.eps == 1e-8 and type(cfg.train.eps) is float
     assert cfg.train.lr == 0.0005
     assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
-    assert cfg.train.bf16 is True
+    assert cfg.train.keep_best is False
     assert cfg.train.betas == [0.9, 0.95]
     assert cfg.train.epochs == 2.0 and type(cfg.train.epochs) is float
     assert cfg.lora.target_modules == "q_proj"  # list | str: a string stays one pattern
@@ -101,7 +101,8 @@ def test_override_values_are_parsed_and_typed():
     ("train.batch_size=true", "expected int, got True"),
     ("train.lr=abc", "train.lr (from override 'train.lr=abc'): expected float, got 'abc'"),
     ("train.lr=nan", "expected float, got 'nan' (not finite)"),
-    ("train.bf16=2", "train.bf16 (from override 'train.bf16=2'): expected bool, got 2"),
+    ("train.keep_best=2", "train.keep_best (from override 'train.keep_best=2'): expected bool, got 2"),
+    ("train.bf16=true", "unknown key 'train.bf16': it was replaced; use model.compute_dtype=bfloat16"),
     ("model.quantize=NF4", "expected 'none' | 'nf4' | 'fp4' | 'int4', got 'NF4'; did you mean 'nf4'?"),
     ("train.betas=[0.9, x]", "train.betas (from override 'train.betas=[0.9, x]')[1]: expected float, got 'x'"),
     ("lora.fused_qkv=[1]", "expected dict[str, list[bool]], got [1]"),

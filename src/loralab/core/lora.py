@@ -27,8 +27,10 @@ bits per element from a seeded counter stream, ``keep_mask``: p honoured to 2^-1
 backward, never saved. Without gradients (inference) and with more rows than in*out/(in+out), the
 forward instead builds ``W0 + s B A`` for the call (one fused addmm) and runs one matmul: the two skinny
 LoRA products cost more than building the dense update then (W0 itself is never changed).
-Every other case (several adapters, 4-bit or unknown
-bases, mixed dtypes, autocast, hooks) uses plain autograd; both give the same numbers (tested).
+A bf16 (or fp16) input over a base of the same dtype takes the node too, with the float32 adapter
+rounded to the input's dtype for the call (bf16 compute: see lora_fused.py).
+Every other case (several adapters, 4-bit or unknown bases, other dtype mixes, autocast to another
+dtype, hooks) uses plain autograd; both give the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -283,12 +285,16 @@ class LoraLinear(LoraLayer):
         """One adapter over a frozen Linear/Conv1D/4-bit base, no hooks, one dtype: use BasePlusLora."""
         base = self.base_layer
         weight_dtype = base.compute_dtype if self._rebuilds else base.weight.dtype
+        lora_dtype_ = self.lora_A[self._branch[0]].weight.dtype
+        half = x.dtype in (torch.bfloat16, torch.float16)
+        autocast = torch.is_autocast_enabled(x.device.type)
         return (
             self._known_addmm_base and len(self._branch) == 1 and not args and not kwargs
             and not base._forward_hooks and not base._forward_pre_hooks and not base.weight.requires_grad
-            and x.dtype == weight_dtype == self.lora_A[self._branch[0]].weight.dtype
+            and x.dtype == weight_dtype and (lora_dtype_ == x.dtype or (half and lora_dtype_ == torch.float32))
             and (base.bias is None or base.bias.dtype == x.dtype)
-            and not torch.is_autocast_enabled(x.device.type)  # autocast would mix dtypes inside the in-place adds
+            # the node casts A, B to x's dtype itself; autocast to another dtype would mix the in-place adds
+            and (not autocast or (half and torch.get_autocast_dtype(x.device.type) == x.dtype))
         )
 
     def _dense_update_pays(self, x: torch.Tensor, name: str) -> bool:

@@ -112,11 +112,16 @@ class BasePlusLora(torch.autograd.Function):
     Saved for backward: x and h (N x r*k); with dropout, the seed (m and x_m are rebuilt from it).
     A 4-bit base passes ``weight=None`` and ``rebuild``, which returns W in the compute dtype; W is
     rebuilt again in backward, never saved.
+    bf16 compute: x and W in bfloat16 with A and B kept in float32 (the trained weights) -- A and B are
+    rounded to x's dtype for the call (r x in and out x r: tiny), every product runs on the 16-bit units,
+    and dL/dA, dL/dB come back in float32 for the optimizer.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, s: float, p: float, transposed: bool, plan, rebuild=None):
         ctx.rebuild = rebuild
+        ctx.master_dtypes = (A.dtype, B.dtype)
+        A, B = A.to(x.dtype), B.to(x.dtype)  # no-op unless a half-precision x meets float32 adapters
         w = rebuild() if rebuild is not None else weight
         w_t = w if transposed else w.t()  # (in, out)
         y = torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
@@ -167,4 +172,7 @@ class BasePlusLora(torch.autograd.Function):
             else:
                 _add_masked(g_x, torch.mm(g_h, A, out=_scratch(x, 1)), seed, drop, keep)
         g_b = g.sum(0) if ctx.needs_input_grad[2] else None
+        a_dtype, b_dtype = ctx.master_dtypes
+        g_A = g_A.to(a_dtype) if g_A is not None else None
+        g_B = g_B.to(b_dtype) if g_B is not None else None
         return g_x, None, g_b, g_A, g_B, None, None, None, None, None

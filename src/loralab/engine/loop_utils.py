@@ -1,5 +1,5 @@
 """The training loop's helpers: seeding, the optimizer with its no-decay group, the data order, the
-stop signal (Ctrl-C / SIGTERM), autocast, and copying trainable weights."""
+stop signal (Ctrl-C / SIGTERM) and copying trainable weights."""
 
 from __future__ import annotations
 
@@ -97,14 +97,6 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
-
-
-def autocast_for(cfg: Any, device: torch.device) -> torch.autocast:
-    if not getattr(cfg, "bf16", False):
-        return torch.autocast(device.type, enabled=False)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("train.bf16=true but this GPU has no bf16 support; set train.bf16=false")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
     run = create_run(cfg)                      config.yaml, env.json, a registry row
     built = experiment.build(cfg)              model, TaskSpec, state for evaluation
+    set_precision(cfg, built, run.dir)         model.compute_dtype: frozen weights cast, env.json "compute"
     built.baseline = experiment.baseline(built) before training (or baseline.json on resume)
     fit(built.model, built.task, cfg.train)    checkpoints, metrics.jsonl
     result = experiment.report(built, fit, run.dir)
@@ -184,6 +185,33 @@ def _main_process_run(cfg: RunConfig, resume: str | Path | None, run_dir: str | 
     return run, Path(shared[0])
 
 
+def set_precision(cfg: RunConfig, built: Built, run_dir: Path | None) -> Any:
+    """Resolve ``model.compute_dtype`` for the model's device, cast the frozen weights to it (trainable
+    ones to float32: ``core.precision.cast_frozen``) and record the choice in the run's env.json."""
+    import torch
+
+    from loralab.core.precision import cast_frozen, resolve_compute_dtype
+
+    device = next((p.device for p in built.model.parameters()), torch.device("cpu"))
+    dtype, reason = resolve_compute_dtype(cfg.model.compute_dtype, device)
+    counts = cast_frozen(built.model, dtype)
+    env = run_dir / "env.json" if run_dir is not None else None
+    if env is not None and env.is_file():
+        record = json.loads(env.read_text())
+        record["compute"] = {"setting": cfg.model.compute_dtype, "dtype": str(dtype).removeprefix("torch."),
+                             "reason": reason, **counts}
+        tmp = env.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(env)
+    return dtype
+
+
+def _compute(dtype: Any, built: Built) -> Any:
+    from loralab.core.precision import compute_context
+
+    return compute_context(dtype, next((p.device for p in built.model.parameters()), "cpu"))
+
+
 def measure_baseline(experiment: Any, built: Built, run_dir: Path | None) -> Baseline | None:
     """The experiment's baseline, measured once per run: a resumed run reads it back from the run dir."""
     path = run_dir / BASELINE_FILE if run_dir is not None else None
@@ -243,12 +271,17 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, run_dir: str 
     run, path = (opened, opened.dir) if opened is not None else _main_process_run(cfg, resume, run_dir)
     try:
         built = experiment.build(cfg)
-        built.baseline = measure_baseline(experiment, built, path if run is not None else None)
-        fit_result = fit(built.model, built.task, cfg.train, run_dir=path, resume=resume is not None)
+        dtype = set_precision(cfg, built, path if run is not None else None)
+        with _compute(dtype, built):
+            built.baseline = measure_baseline(experiment, built, path if run is not None else None)
+        fit_result = fit(built.model, built.task, cfg.train, run_dir=path, resume=resume is not None,
+                         compute_dtype=dtype)
         if getattr(fit_result, "status", None) == "interrupted":
             raise Interrupted()
         if run is not None:
-            results = result_record(cfg, experiment.report(built, fit_result, path), started, fit_result)
+            with _compute(dtype, built):
+                report = experiment.report(built, fit_result, path)
+            results = result_record(cfg, report, started, fit_result)
             run.finish(results)  # inside: a full disk here marks the run failed, it does not stay "running"
         else:
             results = {}
@@ -285,8 +318,11 @@ def evaluate(cfg: RunConfig, adapter: str | Path | None, allow_fresh_head: bool 
         built = experiment.build(cfg)
         if adapter and not allow_fresh_head:
             check_head_loaded(built, adapter)
-        built.baseline = measure_baseline(experiment, built, run.dir)
-        results = result_record(cfg, experiment.report(built, None, run.dir), started)
+        dtype = set_precision(cfg, built, run.dir)
+        with _compute(dtype, built):
+            built.baseline = measure_baseline(experiment, built, run.dir)
+            report = experiment.report(built, None, run.dir)
+        results = result_record(cfg, report, started)
         run.finish(results)
     except RunFailed as err:
         run.fail(f"{type(err).__name__}: {err}")

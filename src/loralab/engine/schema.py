@@ -12,7 +12,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from loralab.core.config import LoraConfig, LoraConfigError
-from loralab.engine.typed_config import ConfigError, Section, require
+from loralab.engine.typed_config import MOVED_KEYS, ConfigError, Section, require
+
+MOVED_KEYS.update({"train.bf16": "model.compute_dtype=bfloat16 (or auto): frozen weights in bf16, trainable ones "
+                   "in float32, bf16 autocast"})
 
 
 @dataclass
@@ -30,8 +33,11 @@ class ModelConfig(Section):
     """Quantize the per-block absmax constants too (QLoRA's double quantization); 4-bit only."""
     quant_block_size: int = 64
     """Weights per quantization block (one absmax constant per block): a power of two in [32, 4096]."""
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype 4-bit weights are dequantized to for the matmul."""
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """Dtype of the frozen weights and the matmuls (4-bit weights are dequantized to it): bfloat16 keeps the
+    trainable weights, their gradients and optimizer state in float32 and runs the forward under bf16
+    autocast (loss in float32); auto picks bfloat16 where the CPU has AVX512-BF16/AMX or the GPU supports
+    bf16, float32 elsewhere (env.json records the choice and why)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     trust_remote_code: bool = False
@@ -199,8 +205,6 @@ class TrainConfig(Section):
     """Clip the global gradient norm to this (0: no clipping)."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy, in [0, 1)."""
-    bf16: bool = False
-    """bfloat16 autocast where the hardware supports it (master weights stay float32)."""
     seed: int = 0
     """Seed of init, dropout and data order."""
     eval_every: int = 0

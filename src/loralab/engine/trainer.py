@@ -32,10 +32,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from loralab.core.precision import compute_context
 from loralab.engine import distributed as ddp
 from loralab.engine.checkpoint import (clean_stale, find_checkpoint, latest_checkpoint, load_checkpoint,
                                        remove_checkpoints_after, rng_state, save_checkpoint, set_rng_state)
-from loralab.engine.loop_utils import (StopFlag, autocast_for, build_optimizer_for, epoch_order, evaluate_model,
+from loralab.engine.loop_utils import (StopFlag, build_optimizer_for, epoch_order, evaluate_model,
                                        load_trainable, micro_batches, set_seed, snapshot_trainable)
 from loralab.engine.progress import ProgressLogger, truncate_metrics
 from loralab.engine.schedule import build_scheduler, warmup_steps_for
@@ -68,7 +69,8 @@ class _Loop:
     n: int
     total_steps: int
     device: torch.device
-    autocast: torch.autocast
+    autocast: Callable[[], Any]
+    """A fresh compute context (bf16 autocast or nothing) per use."""
     progress: ProgressLogger | None = None
     saved: tuple[tuple[int, int, int, int], Path] | None = None  # position on disk, and where
 
@@ -79,15 +81,18 @@ class _Loop:
 
 def fit(model: nn.Module, task: TaskSpec, cfg: Any, run_dir: str | Path | None = None,
         resume: bool | str | Path = False, optimizer: torch.optim.Optimizer | None = None,
-        log: Any = print) -> FitResult:
+        log: Any = print, compute_dtype: torch.dtype = torch.float32) -> FitResult:
     """Train ``model`` on ``task`` with the settings of ``cfg`` (a ``TrainConfig``).
 
     ``run_dir`` receives metrics.jsonl, checkpoints/ and fit.json; ``resume`` (True, or a checkpoint
     dir) continues exactly from the newest complete checkpoint there (see ``checkpoint.find_checkpoint``).
+    ``compute_dtype``: bfloat16 runs the forward passes under bf16 autocast (``core.precision``; the
+    caller has already cast the frozen weights with ``cast_frozen``).
     """
     log = log if ddp.is_main() else (lambda *_: None)
     with StopFlag() as stop:  # from the start: a signal during setup still ends in a checkpoint
-        loop = _setup(model, task, cfg, Path(run_dir) if run_dir is not None else None, optimizer, log)
+        loop = _setup(model, task, cfg, Path(run_dir) if run_dir is not None else None, optimizer, log,
+                      compute_dtype)
         state = _resume(loop, resume) if resume else TrainState()
         is_main = ddp.is_main()
         loop.progress = ProgressLogger(loop.total_steps, loop.run_dir if is_main else None,
@@ -101,7 +106,8 @@ def fit(model: nn.Module, task: TaskSpec, cfg: Any, run_dir: str | Path | None =
 
 
 def _setup(model: nn.Module, task: TaskSpec, cfg: Any, run_dir: Path | None,
-           optimizer: torch.optim.Optimizer | None, log: Callable[[str], Any]) -> _Loop:
+           optimizer: torch.optim.Optimizer | None, log: Callable[[str], Any],
+           compute_dtype: torch.dtype = torch.float32) -> _Loop:
     n = len(task.train_dataset)
     if n == 0:
         raise ValueError("the training set is empty: check data.train_samples and the data files")
@@ -121,7 +127,7 @@ def _setup(model: nn.Module, task: TaskSpec, cfg: Any, run_dir: Path | None,
     scheduler = build_scheduler(optimizer, cfg.schedule, warmup_steps_for(cfg, total), total)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return _Loop(model, ddp.wrap(model), task, cfg, optimizer, scheduler, run_dir, log, n, total, device,
-                 autocast_for(cfg, device))
+                 lambda: compute_context(compute_dtype, device))
 
 
 def _resume(loop: _Loop, resume: bool | str | Path) -> TrainState:
@@ -203,7 +209,7 @@ def _optimizer_step(loop: _Loop, state: TrainState, global_batch: list[int]) -> 
     for i, idx in enumerate(micro):
         batch = {k: v.to(loop.device) if torch.is_tensor(v) else v
                  for k, v in task.collate([task.train_dataset[j] for j in idx]).items()}
-        with ddp.no_sync_unless(loop.train_model, i == len(micro) - 1), loop.autocast:
+        with ddp.no_sync_unless(loop.train_model, i == len(micro) - 1), loop.autocast():
             loss = task.loss(loop.train_model, batch)
             # weight by micro-batch size so uneven last micro-batches average correctly
             (loss * (len(idx) / len(shard))).backward()
@@ -241,7 +247,8 @@ def _optimizer_step(loop: _Loop, state: TrainState, global_batch: list[int]) -> 
 def _evaluate_and_select(loop: _Loop, state: TrainState) -> bool:
     """Evaluate, log, record, keep the best weights; True when early stopping says stop."""
     task, cfg = loop.task, loop.cfg
-    metrics = evaluate_model(loop.train_model, task)
+    with loop.autocast():
+        metrics = evaluate_model(loop.train_model, task)
     if not metrics:
         return False
     loop.progress.log_metrics(state.step, {f"eval/{k}": v for k, v in metrics.items()})

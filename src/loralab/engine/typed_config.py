@@ -232,7 +232,13 @@ def closest(key: str, valid: list[str]) -> str | None:
     return close[0] if close else None
 
 
+MOVED_KEYS: dict[str, str] = {}
+"""Keys that existed once -> what to write instead (filled by the schema that retired them)."""
+
+
 def unknown_key(key: str, valid: list[str]) -> ConfigError:
+    if key in MOVED_KEYS:
+        return ConfigError(f"unknown key {key!r}: it was replaced; use {MOVED_KEYS[key]}")
     guess = closest(key, valid)
     hint = f"; did you mean {guess!r}?" if guess else "; valid keys: see `loralab config --schema`"
     return ConfigError(f"unknown key {key!r}{hint}")

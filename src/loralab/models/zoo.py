@@ -242,9 +242,11 @@ def load_from_config(model_cfg: Any, kind: ModelKind = "causal_lm", num_labels: 
     """Model and tokenizer as a ``ModelConfig`` section asks: its dtype, 4-bit quantization
     (quantize / double_quant / quant_block_size / compute_dtype), gradient checkpointing and
     trust_remote_code. Every experiment loads through here."""
+    from loralab.core.precision import resolve_compute_dtype
+
     quant = {} if model_cfg.quantize == "none" else {
         "quantize": model_cfg.quantize, "double_quant": model_cfg.double_quant,
-        "block_size": model_cfg.quant_block_size, "compute_dtype": getattr(torch, model_cfg.compute_dtype)}
+        "block_size": model_cfg.quant_block_size, "compute_dtype": resolve_compute_dtype(model_cfg.compute_dtype)[0]}
     model = load_model(model_cfg.name, kind=kind, num_labels=num_labels, dtype=getattr(torch, model_cfg.dtype),
                        trust_remote_code=model_cfg.trust_remote_code, **quant)
     if model_cfg.gradient_checkpointing:

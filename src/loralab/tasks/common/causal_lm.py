@@ -4,7 +4,9 @@
 ``l_t = (1 - eps) * (-log p(y_t | y_<t)) + eps * mean_v(-log p(v | y_<t))`` (label smoothing eps);
 the training loss is that sum divided by the number of such tokens (a token-weighted mean, so long
 and short answers weigh per token, not per example). Packed rows (``segment_ids``) get a
-block-diagonal causal mask so packed examples never attend to each other.
+block-diagonal causal mask so packed examples never attend to each other. Where the model allows it
+(``fused_head``) the head and the loss run fused over row chunks (linear_ce.py), and only labelled
+positions are scored.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralab.tasks.common.batches import IGNORE
+from loralab.tasks.common.linear_ce import linear_cross_entropy
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -40,14 +43,42 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
+def fused_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
+    """(decoder stack, head weight) when the loss may skip the logits (see linear_ce.py): a Hugging Face
+    causal LM whose output is exactly ``decoder(...)[0] @ head.weight^T`` -- a plain bias-free Linear head
+    (not wrapped by LoRA), no logit scaling or soft-capping, no hooks rewriting the inputs (prefix
+    embeddings), not wrapped for data parallelism. Otherwise None: the full logits are formed."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if type(head) is not nn.Linear or head.bias is not None or config is None:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) is not None:
+        return None
+    if model._forward_pre_hooks or model._forward_hooks or "forward" in model.__dict__:
+        return None
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return (decoder, head.weight) if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """(sum over trained tokens of l_t, number of trained tokens); labels shift by one."""
-    logits = forward_logits(model, batch)[:, :-1].float()
     labels = batch["labels"][:, 1:]
+    n = int((labels != IGNORE).sum())
+    parts = fused_head(model)
+    if parts is not None:
+        decoder, weight = parts
+        if "segment_ids" in batch:
+            mask = block_causal_mask(batch["segment_ids"], _model_dtype(model))
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])[0]
+        else:
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        return linear_cross_entropy(hidden, weight, labels.reshape(-1), label_smoothing), n
+    logits = forward_logits(model, batch)[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                            reduction="sum", label_smoothing=label_smoothing)
-    return loss, int((labels != IGNORE).sum())
+    return loss, n
 
 
 def mean_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:

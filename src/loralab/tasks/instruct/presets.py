@@ -7,7 +7,7 @@ QLORA_PAPER = {
     # head, r=64, alpha=16, dropout 0.1 (<= 13B; 0.05 for 33B/65B), lr 2e-4 (1e-4 for 33B/65B), constant
     # schedule after 3% warmup, grad-norm clip 0.3, paged AdamW, batch 16, gradient checkpointing,
     # length-grouped batches, loss on the response only. Frozen non-quantized parts (embeddings,
-    # norms, head) stay float32 here; the LoRA matmuls run under bf16 autocast (train.bf16).
+    # norms, head) are stored in bf16 too (model.compute_dtype), the LoRA weights and their Adam state in fp32.
     "experiment": "instruct", "name": "qlora-gsm8k", "model.name": "smollm2-135m",
     "model.quantize": "nf4", "model.double_quant": True, "model.compute_dtype": "bfloat16",
     "model.gradient_checkpointing": True,
@@ -15,7 +15,7 @@ QLORA_PAPER = {
     "lora.exclude_modules": ["lm_head"],
     "train.lr": 2e-4, "train.schedule": "constant", "train.warmup_ratio": 0.03, "train.max_grad_norm": 0.3,
     "train.optimizer": "paged_adamw", "train.batch_size": 16, "train.weight_decay": 0.0,
-    "train.betas": [0.9, 0.999], "train.epochs": 3.0, "train.bf16": True, "train.length_grouped": True,
+    "train.betas": [0.9, 0.999], "train.epochs": 3.0, "train.length_grouped": True,
     "train.eval_every": 50, "data.task": "gsm8k", "data.max_length": 512, "data.loss_on": "assistant",
     "generate.num_beams": 1, "generate.no_repeat_ngram_size": 0, "generate.max_new_tokens": 256,
     "generate.batch_size": 32,

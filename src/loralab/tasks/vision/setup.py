@@ -47,7 +47,7 @@ def check_model_config(model_cfg: Any) -> None:
                                 "a ResNet's convolutions; use model.quantize=none")
     if model_cfg.dtype != "float32":
         raise VisionConfigError(f"model.dtype={model_cfg.dtype}: the vision experiment stores weights in float32 "
-                                "(BatchNorm statistics need it); use train.bf16=true for bfloat16 compute")
+                                "(BatchNorm statistics need it); use model.compute_dtype=bfloat16 for bfloat16 compute")
     if model_cfg.gradient_checkpointing:
         raise VisionConfigError("model.gradient_checkpointing=true is not implemented for the ResNets; set it false")
 
