@@ -281,3 +281,24 @@ def test_build_fit_report_end_to_end(tmp_path, monkeypatch):
     assert result.metrics["gsm8k_exact_match"] == out["gsm8k"]["finetuned"]["exact_match"]
     assert result.margin == pytest.approx(0.01 * built.baseline.score)
     assert result.learned is (built.baseline.score - result.score > result.margin)  # lower is better
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("She has 3 + 4 = 7 apples.\n#### 7", True),
+    ("So the total is $1,250.\n#### 1,250\n", True),
+    ("#### -3.5", True),
+    ("The answer is 7.", False),
+    ("#### 7\nHe will plant 7 lemons.", False),  # the format line is not the end
+    ("#### seven", False),
+])
+def test_ends_in_answer_format(text, expected):
+    assert E.ends_in_answer_format(text) is expected
+
+
+def test_loops_counts_an_8_gram_three_times_with_overlaps():
+    sentence = list(range(10))
+    assert E.loops(sentence * 3)
+    assert not E.loops(sentence * 2 + sentence[:7])  # the third copy is cut before 8 tokens repeat
+    assert E.loops([5] * 10)  # overlapping occurrences: 5^8 starts at 0, 1, 2
+    assert not E.loops([5] * 9)
+    assert not E.loops(list(range(100)))

@@ -192,6 +192,26 @@ def extract_final_number(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+_ANSWER_LINE = re.compile(r"####\s*-?\$?\s*[\d,]*\.?\d+\s*\.?\s*$")
+
+
+def ends_in_answer_format(text: str) -> bool:
+    """Does the output end in GSM8K's answer line, ``#### <number>`` (the training answers' last line)?"""
+    return bool(_ANSWER_LINE.search(text.strip()))
+
+
+def loops(tokens: Sequence[int], n: int = 8, times: int = 3) -> bool:
+    """Does some n-token sequence occur ``times`` or more times (overlaps count)? A model stuck repeating
+    a sentence until the token limit does; a worked answer almost never repeats 8 tokens thrice."""
+    counts: dict[tuple[int, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= times:
+            return True
+    return False
+
+
 def gsm8k_reference(answer: str) -> str:
     if "####" not in answer:
         raise ValueError(f"GSM8K answer has no '#### <number>' line: {answer[-80:]!r}")
@@ -211,6 +231,9 @@ def gsm8k_exact_match(model: nn.Module, tokenizer: Any, problems: Sequence[dict]
     for problem, output in zip(problems, outputs):
         ref, pred = gsm8k_reference(problem["answer"]), extract_final_number(output)
         records.append({"question": problem["question"], "reference": ref, "prediction": pred,
-                        "correct": pred == ref, "output": output})
-    return {"exact_match": sum(r["correct"] for r in records) / len(records), "n": len(records),
-            "records": records}
+                        "correct": pred == ref, "output": output, "answer_format": ends_in_answer_format(output),
+                        "loops": loops(tokenizer(output, add_special_tokens=False)["input_ids"])})
+    n = len(records)
+    return {"exact_match": sum(r["correct"] for r in records) / n, "n": n,
+            "answer_format": sum(r["answer_format"] for r in records) / n,
+            "looping": sum(r["loops"] for r in records) / n, "records": records}

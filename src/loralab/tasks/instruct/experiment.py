@@ -188,7 +188,14 @@ class InstructExperiment:
         details = evaluate_run(built, fit, run_dir)
         metrics = {"eval_loss": details["heldout"]["finetuned_loss"], "eval_ppl": details["heldout"]["finetuned_ppl"]}
         if "gsm8k" in details:
-            metrics["gsm8k_exact_match"] = details["gsm8k"]["finetuned"]["exact_match"]
+            tuned = details["gsm8k"]["finetuned"]
+            metrics.update({"gsm8k_exact_match": tuned["exact_match"], "gsm8k_answer_format": tuned["answer_format"],
+                            "gsm8k_looping": tuned["looping"]})
+            if "base" in details["gsm8k"]:
+                base_g = details["gsm8k"]["base"]
+                metrics.update({"base_gsm8k_exact_match": base_g["exact_match"],
+                                "base_gsm8k_answer_format": base_g["answer_format"],
+                                "base_gsm8k_looping": base_g["looping"]})
         base = built.baseline.score if built.baseline else 0.0
         return make_result("instruct", built, fit, "eval_loss", metrics, False, LOSS_MARGIN * base, details)
 

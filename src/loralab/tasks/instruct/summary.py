@@ -86,6 +86,11 @@ def _side_by_side(rows: list[dict], n: int = 2) -> list[str]:
     return out
 
 
+def _share(scored: dict, key: str) -> str:
+    """'k/n' of the records with ``key`` true (records of older runs without the key count as false)."""
+    return f"{sum(bool(r.get(key)) for r in scored['records'])}/{scored['n']}"
+
+
 def gsm8k_pairs(result: dict) -> list[dict]:
     """Held-out GSM8K problems with the base and fine-tuned answers, from the exact-match records."""
     g = result.get("gsm8k", {})
@@ -138,8 +143,13 @@ def format_summary(cfg: Any, result: dict, memory_table: str, trainable: str,
             base_right = sum(r["correct"] for r in g["base"]["records"])
             lines.append(f"GSM8K exact    {base_right}/{g['base']['n']} -> {right}/{tuned['n']} "
                          f"(greedy, <= {cfg.generate.max_new_tokens} new tokens; base -> fine-tuned)")
+            lines.append(f"answer format  {_share(g['base'], 'answer_format')} -> {_share(tuned, 'answer_format')} "
+                         "end in '#### <number>'")
+            lines.append(f"looping        {_share(g['base'], 'loops')} -> {_share(tuned, 'loops')} repeat an "
+                         "8-token sequence 3+ times")
         else:
-            lines.append(f"GSM8K exact    {right}/{tuned['n']} (greedy)")
+            lines.append(f"GSM8K exact    {right}/{tuned['n']} (greedy); answer format "
+                         f"{_share(tuned, 'answer_format')}; looping {_share(tuned, 'loops')}")
     r = result.get("resources") or {}
     if r:
         proc = r.get("process_seconds_before_eval")
