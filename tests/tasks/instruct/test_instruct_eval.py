@@ -229,11 +229,15 @@ def test_every_shipped_gsm8k_reference_parses():
 def test_gsm8k_exact_match_scoring(monkeypatch):
     problems = [{"question": "q1", "answer": "... #### 18"}, {"question": "q2", "answer": "#### 1,000"},
                 {"question": "q3", "answer": "#### 7"}]
-    outputs = {"q1": "She makes $18.", "q2": "#### 1000", "q3": "about 8"}
+    outputs = {"q1": "She makes $18.", "q2": "#### 1000", "q3": "about 8 " + "a b c d e f g h " * 3}
     monkeypatch.setattr(E, "generate", lambda model, tok, qs, *a, **k: [outputs[q] for q in qs])
-    out = E.gsm8k_exact_match(None, None, problems)
+    words = lambda text, add_special_tokens=False: {"input_ids": text.split()}  # a word tokenizer
+    out = E.gsm8k_exact_match(None, words, problems)
     assert out["exact_match"] == pytest.approx(2 / 3) and out["n"] == 3
     assert [r["prediction"] for r in out["records"]] == ["18", "1000", "8"]
+    assert [r["answer_format"] for r in out["records"]] == [False, True, False]
+    assert [r["loops"] for r in out["records"]] == [False, False, True]
+    assert out["answer_format"] == pytest.approx(1 / 3) and out["looping"] == pytest.approx(1 / 3)
 
 
 # ----------------------------------------------------------------------------- build -> fit -> report

@@ -15,16 +15,17 @@ def test_quickstart_preset_is_qlora_on_gsm8k():
 
     cfg = load_config(preset="quickstart")
     assert (cfg.experiment, cfg.model.name, cfg.data.task) == ("instruct", "smollm2-135m", "gsm8k")
-    assert (cfg.model.quantize, cfg.model.double_quant, cfg.model.compute_dtype) == ("nf4", True, "float32")
+    assert (cfg.model.quantize, cfg.model.double_quant, cfg.model.compute_dtype) == ("nf4", True, "auto")
     assert (cfg.lora.method, cfg.lora.target_modules, cfg.lora.exclude_modules) == ("lora", "all-linear", ["lm_head"])
     assert cfg.data.loss_on == "assistant" and cfg.data.system_prompt == QUICKSTART_SYSTEM_PROMPT
     assert cfg.generate.num_beams == 1 and not cfg.generate.do_sample  # greedy exact match
     assert cfg.data.max_length >= 288 and 8 <= cfg.data.eval_samples <= 32
 
 
-def _tiny_4bit(seed: int = 0):
+def _tiny_4bit(seed: int = 0, compute_dtype=torch.float32):
     model = tiny_model("llama", "causal_lm", seed=seed, max_position_embeddings=2048, tie_word_embeddings=False)
-    return quantize_model(model, "nf4", double_quant=True, skip_modules=("lm_head",), block_size=32)
+    return quantize_model(model, "nf4", double_quant=True, skip_modules=("lm_head",), block_size=32,
+                          compute_dtype=compute_dtype)
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def tiny_zoo(monkeypatch):
     def load_model(name, kind="causal_lm", quantize=None, double_quant=True, **kw):
         calls.append({"name": name, "kind": kind, "quantize": quantize, "double_quant": double_quant})
         assert quantize == "nf4" and double_quant
-        return _tiny_4bit()
+        return _tiny_4bit(compute_dtype=kw.get("compute_dtype", torch.float32))
 
     monkeypatch.setattr(zoo, "load_model", load_model)
     monkeypatch.setattr(zoo, "load_tokenizer", lambda name, **kw: tiny_tokenizer("llama", model_max_length=2048))
@@ -70,6 +71,14 @@ def test_quickstart_end_to_end_on_tiny_4bit_llama(tmp_path, tiny_zoo, capsys):
     assert "adapter check  passed" in out and out.index("adapter check") < out.index("held-out loss")
     assert re.search(r"frozen base\s+4-bit packed", out) and "quant state" in out  # the 4-bit base shows
     assert re.search(r"peak RSS [\d,]+ MB", out)
+    for key, label in (("answer_format", "answer format"), ("loops", "looping")):
+        shares = [f"{sum(r[key] for r in g[side]['records'])}/2" for side in ("base", "finetuned")]
+        assert f"{label:14s} {shares[0]} -> {shares[1]}" in out
+    # model.compute_dtype=auto: bf16 exactly where the CPU has AVX512-BF16 or AMX, recorded with the reason
+    compute = json.loads((run_dir / "env.json").read_text())["compute"]
+    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert compute["setting"] == "auto" and compute["dtype"] == ("bfloat16" if fast else "float32")
+    assert compute["reason"].startswith("auto: CPU has") and compute["frozen_cast"] > 0
     adapter_dir = run_dir / "adapter"
     assert f"adapter saved  {adapter_dir}" in out and (run_dir / "summary.txt").read_text().strip() in out
     from loralab.engine.config import load_config

@@ -62,7 +62,7 @@ QUICKSTART = {
     # A one-line system prompt instead of SmolLM's default saves ~15 tokens per example; at
     # max_length 320 about 7% of the GSM8K conversations lose their final "#### N" line.
     "experiment": "instruct", "name": "quickstart-qlora-gsm8k", "model.name": "smollm2-135m",
-    "model.quantize": "nf4", "model.double_quant": True, "model.compute_dtype": "float32",
+    "model.quantize": "nf4", "model.double_quant": True, "model.compute_dtype": "auto",
     "model.gradient_checkpointing": False,
     "lora.r": 16, "lora.lora_alpha": 32.0, "lora.lora_dropout": 0.05, "lora.target_modules": "all-linear",
     "lora.exclude_modules": ["lm_head"],
