@@ -49,16 +49,16 @@ INSTRUCT_CPU_NF4 = {  # the same run as QLoRA on CPU: NF4 + double quant base, f
 
 QUICKSTART_SYSTEM_PROMPT = "Solve the math problem step by step."
 QUICKSTART = {
-    # `loralab quickstart`: QLoRA of SmolLM2-135M-Instruct on the shipped GSM8K problems, sized by
-    # measurement on an idle 2-core CPU box (fresh clone, README's first command, 12-step version:
-    # 213 s in all -- setup 40 s with a warm pip cache, GGUF conversion 10 s, 12 steps of 4 x ~300 tokens
-    # in 58 s (~4.8 s a step), evaluation of 16 problems 80 s). 30 steps and 24 held-out problems keep
-    # the whole command near 6 minutes there, with room for a slower or busier machine.
-    # NF4 + double-quantized frozen base, float32 compute (no fast bf16 matmuls on this CPU).
-    # Gradient checkpointing is off here: it costs ~30% more compute and at 4 x 320 tokens the peak is
-    # the logits, not the layer activations (model.gradient_checkpointing=true works, see
-    # bench/instruct_resources.py). LoRA on every linear layer but the head learns the answer format
-    # within a dozen steps. lr 1e-3 (alpha/r = 2) with clipping at 0.3.
+    # `loralab quickstart`: QLoRA of SmolLM2-135M-Instruct on the shipped GSM8K problems.
+    # NF4 + double-quantized frozen base decoded to bf16 where the CPU multiplies bf16 fast
+    # (model.compute_dtype=auto: frozen weights bf16, LoRA and Adam state fp32, loss fp32), fp32 elsewhere.
+    # 60 steps of 4 x <=320 tokens: twice the tokens of the fp32 version (30 steps, 155 s of training on
+    # an idle 2-core box), in about the same time with bf16 (bench/cpu_bf16.py: QLoRA bf16 vs fp32).
+    # Chosen by measurement (1 thread, the other core busy): 60 steps at lr 1e-3 give held-out loss
+    # 1.81 -> 0.86, answers ending in '#### <n>' 0/24 -> 9/24, looping outputs 22/24 -> 15/24.
+    # Gradient checkpointing is off: it costs ~30% more compute, and the fused head + loss
+    # (tasks/common/linear_ce.py) already removed the logits, the largest activation.
+    # LoRA on every linear layer but the head, lr 1e-3 (alpha/r = 2), clipping at 0.3.
     # A one-line system prompt instead of SmolLM's default saves ~15 tokens per example; at
     # max_length 320 about 7% of the GSM8K conversations lose their final "#### N" line.
     "experiment": "instruct", "name": "quickstart-qlora-gsm8k", "model.name": "smollm2-135m",
@@ -67,8 +67,8 @@ QUICKSTART = {
     "lora.r": 16, "lora.lora_alpha": 32.0, "lora.lora_dropout": 0.05, "lora.target_modules": "all-linear",
     "lora.exclude_modules": ["lm_head"],
     "train.lr": 1e-3, "train.schedule": "constant", "train.warmup_steps": 2, "train.max_grad_norm": 0.3,
-    "train.optimizer": "adamw", "train.batch_size": 4, "train.max_steps": 30, "train.eval_every": 0,
-    "train.length_grouped": True, "train.log_every": 5,
+    "train.optimizer": "adamw", "train.batch_size": 4, "train.max_steps": 60, "train.eval_every": 0,
+    "train.length_grouped": True, "train.log_every": 10,
     "data.task": "gsm8k", "data.system_prompt": QUICKSTART_SYSTEM_PROMPT, "data.max_length": 320,
     "data.eval_samples": 24, "data.loss_on": "assistant",
     "generate.num_beams": 1, "generate.no_repeat_ngram_size": 0, "generate.max_new_tokens": 192,
