@@ -106,3 +106,17 @@ def test_float32_input_over_bf16_base_is_not_fused(spy):
     with pytest.raises(RuntimeError):
         layer(x)  # the bf16 base itself refuses a float32 input: nothing silently changes dtype
     assert spy == []
+
+
+def test_bf16_dropout_mask_from_the_kernel_equals_the_torch_twin(monkeypatch):
+    """The native kernel writes a bf16 input's mask through float32; the bits must be the torch twin's."""
+    from loralab.core import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler: only the torch twin exists")
+    like = torch.empty(333, 70, dtype=torch.bfloat16)
+    fast = lora_fused.keep_from_seed(like, 12345, 6554)
+    monkeypatch.setattr(native, "dropout", lambda *a, **k: False)
+    twin = lora_fused.keep_from_seed(like, 12345, 6554)
+    assert fast.dtype == twin.dtype == torch.bfloat16
+    assert torch.equal(fast, twin) and 0.85 < float(fast.float().mean()) < 0.95

@@ -56,7 +56,8 @@ def draw_seed() -> int:
 
 
 def _scratch(like: torch.Tensor, slot: int) -> torch.Tensor:
-    """A reusable tensor shaped like ``like`` (slot 0 or 1: two live at once); fresh when above the cap."""
+    """A reusable tensor shaped like ``like`` (slot 0 or 1: two live at once; "lora-dropout-2" holds the
+    float32 mask of a 16-bit input); fresh when above the cap."""
     if like.numel() * like.element_size() > SCRATCH_MAX_BYTES:
         return torch.empty(like.shape, dtype=like.dtype, device=like.device)
     return scratch(f"lora-dropout-{slot}", like.shape, like.dtype, like.device)
@@ -67,6 +68,13 @@ def keep_from_seed(like: torch.Tensor, seed: int, drop: int, out: torch.Tensor |
     keep = torch.empty(like.shape, dtype=like.dtype, device=like.device) if out is None else out
     if native.dropout(None, keep, seed, drop):
         return keep
+    if keep.dtype != torch.float32 and keep.device.type == "cpu" and native.library() is not None:
+        # bf16 compute: the kernel writes the mask as float32 (one pass), copied exactly (0/1) into keep;
+        # the torch twin below costs ~8 int64 passes over the tensor
+        keep32 = scratch("lora-dropout-2", like.shape, torch.float32, like.device) \
+            if like.numel() * 4 <= SCRATCH_MAX_BYTES else torch.empty(like.shape)
+        if native.dropout(None, keep32, seed, drop):
+            return keep.copy_(keep32)
     n = like.numel()
     words = splitmix64_words((n + 3) // 4, seed, like.device) ^ _int64(_LANE_SIGNS)
     lanes = words.view(torch.int16)[:n].view(like.shape)  # little-endian: lane 0 is the low 16 bits
