@@ -55,12 +55,13 @@ def draw_seed() -> int:
     return int(torch.empty(1, dtype=torch.int64).random_(-(2**63), None).item())
 
 
-def _scratch(like: torch.Tensor, slot: int) -> torch.Tensor:
-    """A reusable tensor shaped like ``like`` (slot 0 or 1: two live at once; "lora-dropout-2" holds the
-    float32 mask of a 16-bit input); fresh when above the cap."""
-    if like.numel() * like.element_size() > SCRATCH_MAX_BYTES:
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return scratch(f"lora-dropout-{slot}", like.shape, like.dtype, like.device)
+def _scratch(like: torch.Tensor, slot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A reusable tensor shaped like ``like``, in its dtype unless ``dtype`` (slot 0 or 1: two live at once;
+    slot 2: the float32 mask of a 16-bit input); fresh when above the cap."""
+    dtype = dtype or like.dtype
+    if like.numel() * dtype.itemsize > SCRATCH_MAX_BYTES:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return scratch(f"lora-dropout-{slot}", like.shape, dtype, like.device)
 
 
 def keep_from_seed(like: torch.Tensor, seed: int, drop: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,8 +72,7 @@ def keep_from_seed(like: torch.Tensor, seed: int, drop: int, out: torch.Tensor |
     if keep.dtype != torch.float32 and keep.device.type == "cpu" and native.library() is not None:
         # bf16 compute: the kernel writes the mask as float32 (one pass), copied exactly (0/1) into keep;
         # the torch twin below costs ~8 int64 passes over the tensor
-        keep32 = scratch("lora-dropout-2", like.shape, torch.float32, like.device) \
-            if like.numel() * 4 <= SCRATCH_MAX_BYTES else torch.empty(like.shape)
+        keep32 = _scratch(like, 2, torch.float32)
         if native.dropout(None, keep32, seed, drop):
             return keep.copy_(keep32)
     n = like.numel()

@@ -200,10 +200,15 @@ def set_precision(cfg: RunConfig, built: Built, run_dir: Path | None) -> Any:
         record = json.loads(env.read_text())
         record["compute"] = {"setting": cfg.model.compute_dtype, "dtype": str(dtype).removeprefix("torch."),
                              "reason": reason, **counts}
-        tmp = env.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(env)
+        _write_json(env, record)
     return dtype
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON through a temporary file renamed into place."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _compute(dtype: Any, built: Built) -> Any:
@@ -219,9 +224,7 @@ def measure_baseline(experiment: Any, built: Built, run_dir: Path | None) -> Bas
         return Baseline(**json.loads(path.read_text()))
     baseline = experiment.baseline(built)
     if path is not None and baseline is not None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(baseline), indent=2) + "\n")
-        tmp.replace(path)
+        _write_json(path, dataclasses.asdict(baseline))
     return baseline
 
 

@@ -36,11 +36,16 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _forward(module: nn.Module, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """``module`` (the model, or its decoder stack) on the batch; packed rows get the block-causal mask."""
     if "segment_ids" in batch:
         mask = block_causal_mask(batch["segment_ids"], _model_dtype(model))
-        return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return module(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])
+    return module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return _forward(model, model, batch).logits
 
 
 def fused_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
@@ -68,11 +73,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
     parts = fused_head(model)
     if parts is not None:
         decoder, weight = parts
-        if "segment_ids" in batch:
-            mask = block_causal_mask(batch["segment_ids"], _model_dtype(model))
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])[0]
-        else:
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        hidden = _forward(decoder, model, batch)[0]
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         return linear_cross_entropy(hidden, weight, labels.reshape(-1), label_smoothing), n
     logits = forward_logits(model, batch)[:, :-1].float()

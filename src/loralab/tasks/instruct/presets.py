@@ -53,7 +53,7 @@ QUICKSTART = {
     # NF4 + double-quantized frozen base decoded to bf16 where the CPU multiplies bf16 fast
     # (model.compute_dtype=auto: frozen weights bf16, LoRA and Adam state fp32, loss fp32), fp32 elsewhere.
     # 60 steps of 4 x <=320 tokens: twice the tokens of the fp32 version (30 steps, 155 s of training on
-    # an idle 2-core box), in about the same time with bf16 (bench/cpu_bf16.py: QLoRA bf16 vs fp32).
+    # an idle 2-core box); with bf16 on that box (AVX512-BF16, no AMX) the 60 steps took 231 s.
     # Chosen by measurement (1 thread, the other core busy): 60 steps at lr 1e-3 give held-out loss
     # 1.81 -> 0.86, answers ending in '#### <n>' 0/24 -> 9/24, looping outputs 22/24 -> 15/24.
     # Gradient checkpointing is off: it costs ~30% more compute, and the fused head + loss
