@@ -123,8 +123,9 @@ class FakeExperiment:
         self.baselines += 1
         return Baseline(score=0.5, kind="majority class")
 
-    def fit(self, model, task, train_cfg, run_dir=None, resume=False, log=print):
-        self.fit_kwargs = {"task": task, "train_cfg": train_cfg, "run_dir": run_dir, "resume": resume}
+    def fit(self, model, task, train_cfg, run_dir=None, resume=False, log=print, compute_dtype=None):
+        self.fit_kwargs = {"task": task, "train_cfg": train_cfg, "run_dir": run_dir, "resume": resume,
+                           "compute_dtype": compute_dtype}
         if self.interrupt:
             raise KeyboardInterrupt
         return types.SimpleNamespace(status=self.fit_status, global_step=7, tokens_per_second=10.0)
@@ -158,6 +159,7 @@ def test_train_creates_run_fits_reports_and_records(capsys, tmp_path, fake):
     assert fake.built_with.train.lr == 2e-4 and fake.built_with.train.seed == 5 and fake.built_with.train.quiet
     assert fake.fit_kwargs["train_cfg"] is fake.built_with.train and fake.fit_kwargs["task"] == "TASK"
     assert Path(fake.fit_kwargs["run_dir"]) == record.dir and fake.fit_kwargs["resume"] is False
+    assert fake.fit_kwargs["compute_dtype"] == torch.float32  # the schema default, resolved by the runner
     assert fake.reported[:2] == ("TOKENIZER", record.dir)
     results = json.loads((record.dir / "results.json").read_text())
     assert results["score"] == 0.875 and results["baseline"]["kind"] == "majority class"
