@@ -295,6 +295,12 @@ class GenerateConfig(Section):
     """Sample instead of searching (num_beams must then be 1)."""
     temperature: float = 1.0
     """Sampling temperature (> 0); used only with do_sample."""
+    backend: Literal["loralab", "transformers"] = "loralab"
+    """loralab: decode a copy with the adapter merged, beam search with transformers' semantics at a
+    fraction of its cost; transformers: model.generate on the unmerged model (the reference)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The merged copy's precision (loralab backend): auto = bfloat16 where the device computes it fast,
+    else float32; float32 gives transformers' tokens exactly."""
 
     def check(self) -> list[tuple[str, str]]:
         e: list = []

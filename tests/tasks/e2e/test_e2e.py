@@ -110,7 +110,7 @@ def test_loss_ignores_padding_and_reads_task_label_smoothing():
 
 def _gen(**kw):
     base = dict(num_beams=10, length_penalty=0.9, no_repeat_ngram_size=4, max_new_tokens=64, batch_size=8,
-                do_sample=False, temperature=1.0)
+                do_sample=False, temperature=1.0, backend="loralab", dtype="float32")
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -127,7 +127,7 @@ def test_decoding_settings_left_padding_and_order(monkeypatch):
 
     monkeypatch.setattr(model, "generate", fake_generate)
     mrs = ["name[Long MR here]", "name[B]", "name[Mid MR]"]
-    outputs = e2e_generate.generate_outputs(model, tok, mrs, _gen(batch_size=2))
+    outputs = e2e_generate.generate_outputs(model, tok, mrs, _gen(batch_size=2, backend="transformers"))
     config = calls[0][2]
     assert (config.num_beams, config.length_penalty, config.no_repeat_ngram_size, config.max_new_tokens) == (10, 0.9, 4, 64)
     assert config.eos_token_id == eos and config.pad_token_id == tok.pad_token_id and config.do_sample is False

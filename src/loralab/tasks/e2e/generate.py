@@ -1,8 +1,8 @@
 """Decoding E2E outputs: one per unique MR (batched, left-padded, length-sorted: ``common.generation``).
 
 Settings come from the run config's ``generate`` section (paper: beam 10, length penalty 0.9,
-no-repeat 4-grams, at most 64 new tokens, stop at EOS) and are passed to Hugging Face ``generate``
-unchanged. An output is the text of the new tokens before the first EOS, on one line.
+no-repeat 4-grams, at most 64 new tokens, stop at EOS), with transformers' beam-search semantics
+(``common.generation``: a merged copy and loralab's beam search by default). An output is the text of the new tokens before the first EOS, on one line.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from loralab.tasks.common.generation import generate_batched, generation_kwargs
+from loralab.tasks.common.generation import decode_options, generate_batched, generation_kwargs
 from loralab.tasks.e2e.data import eos_id, prompt_ids
 
 PAPER_ROW = {"BLEU": 70.4, "NIST": 8.85, "METEOR": 46.8, "ROUGE_L": 71.8, "CIDEr": 2.53}
@@ -32,7 +32,8 @@ def generate_outputs(model: nn.Module, tokenizer: Any, mrs: Sequence[str], gen: 
     eos = eos_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     config = GenerationConfig(**generation_kwargs(gen, eos, pad))
-    rows = generate_batched(model, [prompt_ids(tokenizer, mr) for mr in mrs], config, pad, [eos], gen.batch_size)
+    rows = generate_batched(model, [prompt_ids(tokenizer, mr) for mr in mrs], config, pad, [eos], gen.batch_size,
+                           **decode_options(gen))
     return [clean_output(tokenizer.decode(row, skip_special_tokens=True)) for row in rows]
 
 

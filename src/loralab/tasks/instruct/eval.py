@@ -29,7 +29,7 @@ from torch import nn
 from loralab.core.linear4bit import cached_dequantize
 from loralab.engine.progress import progress_bar
 from loralab.tasks.common.causal_lm import forward_logits, heldout_loss
-from loralab.tasks.common.generation import generate_batched, generation_kwargs
+from loralab.tasks.common.generation import decode_options, generate_batched, generation_kwargs
 from loralab.tasks.instruct.data import Conversation, end_of_turn_ids, render_ids, resolve_chat_template
 
 STUDY_PROMPTS = ["What is a cat?", "What is 9+3?", "What is the secret word?",
@@ -147,7 +147,8 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Conve
     bar = progress_bar(progress if isinstance(progress, str) else "decode", n_batches * max_new_tokens,
                        bool(progress))
     try:
-        return generate_batched(model, rows, config, pad_id, eos, batch_size, bar)
+        return generate_batched(model, rows, config, pad_id, eos, batch_size, bar,
+                                **(decode_options(gen) if gen is not None else {}))
     finally:
         if bar is not None:
             bar.close()

@@ -213,7 +213,7 @@ def _generation_config(gen: Any, stops: list[int], pad: int) -> Any:
 
 def build_generative(cfg: Any, train: list[SquadExample], evaluation: list[SquadExample]) -> Built:
     from loralab.models.zoo import load_from_config, load_tokenizer
-    from loralab.tasks.common.generation import generate_batched
+    from loralab.tasks.common.generation import decode_options, generate_batched
 
     gen, data = cfg.generate, cfg.data
     require_greedy(gen)
@@ -238,7 +238,8 @@ def build_generative(cfg: Any, train: list[SquadExample], evaluation: list[Squad
     config = _generation_config(gen, stops, pad)
 
     def predict(m: nn.Module) -> dict[str, str]:
-        rows = generate_batched(m, [p.input_ids for p in prompts], config, pad, stops, gen.batch_size)
+        rows = generate_batched(m, [p.input_ids for p in prompts], config, pad, stops, gen.batch_size,
+                               **decode_options(gen))
         return {p.id: decode_answer(tokenizer, row, fmt) for p, row in zip(prompts, rows)}
 
     details = {"truncation": {"train": train_cut.as_dict(), "eval": eval_cut.as_dict()},

@@ -1,0 +1,195 @@
+"""Beam search with transformers' semantics, over any Hugging Face causal LM's forward and KV cache.
+
+Per example, with K beams, V tokens, g tokens generated so far and running scores s_k (log-probs):
+
+    candidates   c(k, v) = s_k + log_softmax(logits_k)(v)      (an n-gram repeat: -inf)
+    keep the top (1 + #eos) K of the K V candidates; a kept candidate that ends in EOS (or reaches
+    max_new_tokens) and ranks among the first K is a finished hypothesis scored c / (g + 1) ** length_penalty;
+    the best K of the others run on.
+    Done (early_stopping=False, transformers' heuristic): K hypotheses are finished and the best running
+    beam's s / g ** length_penalty is no better than the worst of them. The answer: the best hypothesis.
+
+The arithmetic (the -1e9 masks, the order of every topk) is transformers' own, so in float32 both give the
+same tokens (tested). What differs is the cost: the prompt runs once per example, not once per beam; a
+done example leaves the batch and its rows leave the cache at once; the cache is preallocated
+(``StaticRowCache``) and reordered in place; the n-gram check is one vectorised comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+NEG = -1.0e9
+"""transformers' mask value for beams that must not be chosen."""
+
+
+def ban_repeated_ngrams(rows: torch.Tensor, log_probs: torch.Tensor, n: int) -> torch.Tensor:
+    """Set -inf (in place) where the next token would complete an n-gram already in the row.
+
+    ``rows``: (R, L) tokens so far (prompt included, as transformers does); ``log_probs``: (R, V). The
+    last n-1 tokens are compared with every window of the row at once; a window that matches them bans
+    the token that followed it."""
+    length = rows.shape[1]
+    if n <= 0 or length < n:
+        return log_probs
+    windows = rows.unfold(1, n, 1)  # (R, L - n + 1, n)
+    matches = (windows[:, :, :-1] == rows[:, None, length - n + 1:]).all(-1)
+    row, start = matches.nonzero(as_tuple=True)
+    log_probs[row, windows[row, start, -1]] = float("-inf")
+    return log_probs
+
+
+def _layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class StaticRowLayer(DynamicLayer):
+        """One layer's keys and values: (rows, heads, max_len, dim) buffers, filled up to ``length``."""
+
+        def __init__(self, max_len: int) -> None:
+            super().__init__()
+            self.max_len, self.length = max_len, 0
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if not self.is_initialized:
+                rows, heads, _, dim = key_states.shape
+                self.keys = key_states.new_empty(rows, heads, self.max_len, dim)
+                self.values = value_states.new_empty(rows, heads, self.max_len, value_states.shape[-1])
+                self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            end = self.length + key_states.shape[2]
+            if end > self.max_len:
+                raise RuntimeError(f"KV cache of {self.max_len} positions overflowed ({end})")
+            self.keys[:, :, self.length:end] = key_states
+            self.values[:, :, self.length:end] = value_states
+            self.length = end
+            return self.keys[:, :, :end], self.values[:, :, :end]
+
+        def select_rows(self, index: torch.Tensor) -> None:
+            """Rows ``index``, in that order (beam reordering; done examples dropped): a fresh buffer, so
+            that later writes never alias rows another beam still reads."""
+            if self.is_initialized:
+                self.keys, self.values = self.keys[index], self.values[index]
+
+        def get_seq_length(self, *args: Any) -> int:
+            return self.length
+
+        def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+            return self.length + query_length, 0
+
+    return StaticRowLayer
+
+
+def static_cache(model: nn.Module, max_len: int) -> Any:
+    """A transformers ``Cache`` whose layers are preallocated ``max_len`` buffers (no concatenation per step)."""
+    from transformers.cache_utils import Cache
+
+    n_layers = model.config.get_text_config().num_hidden_layers
+    layer = _layer_class()
+    return Cache(layers=[layer(max_len) for _ in range(n_layers)])
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """transformers' position ids for a left-padded batch: cumulative count of real tokens - 1 (pads: 0)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+@torch.no_grad()
+def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int,
+                max_new_tokens: int, eos_ids: Sequence[int], length_penalty: float = 1.0,
+                no_repeat_ngram_size: int = 0, pad_id: int = 0,
+                on_step: Callable[[int], None] | None = None) -> list[list[int]]:
+    """The best hypothesis of each left-padded prompt row: its new tokens, EOS included if it ended so.
+    ``on_step(k)``: told after each decoding step how many steps are now done (for a progress bar)."""
+    device = input_ids.device
+    n_ex, width = input_ids.shape
+    K, T = num_beams, max_new_tokens
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+    keep = max(2, 1 + len(eos)) * K
+    top_mask = torch.arange(keep, device=device) < K
+    alive = torch.arange(n_ex, device=device)  # original index of each example still searching
+    seqs = torch.full((n_ex, K, width + T), pad_id, dtype=torch.long, device=device)
+    seqs[:, :, :width] = input_ids[:, None]
+    prompt_mask = attention_mask.to(torch.long)
+    run_scores = torch.full((n_ex, K), NEG, device=device)
+    run_scores[:, 0] = 0.0
+    fin_seqs = torch.full((n_ex, K, T), pad_id, dtype=torch.long, device=device)
+    fin_scores = torch.full((n_ex, K), NEG, device=device)
+    fin_lens = torch.zeros((n_ex, K), dtype=torch.long, device=device)
+    is_fin = torch.zeros((n_ex, K), dtype=torch.bool, device=device)
+    unsat = torch.ones((n_ex, 1), dtype=torch.bool, device=device)
+    best: list[list[int]] = [[] for _ in range(n_ex)]
+
+    cache = static_cache(model, width + T)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    # the prompt ran once per example: its log-probs stand for all K (identical) beams
+    log_probs = torch.log_softmax(out.logits[:, -1].float(), -1)
+    log_probs = ban_repeated_ngrams(input_ids, log_probs, no_repeat_ngram_size)
+    log_probs = log_probs[:, None].expand(-1, K, -1)
+    vocab = log_probs.shape[-1]
+
+    def finish(which: torch.Tensor) -> None:
+        for i, b in enumerate(alive[which].tolist()):
+            n = int(fin_lens[which][i, 0])
+            best[b] = fin_seqs[which][i, 0, :n].tolist()
+
+    for t in range(T):
+        b_alive = len(alive)
+        scores = (log_probs + run_scores[:, :, None]).reshape(b_alive, K * vocab)
+        top_scores, top_index = torch.topk(scores, keep)
+        parent, token = top_index // vocab, top_index % vocab
+        cand = torch.take_along_dim(seqs, parent[:, :, None], dim=1)
+        cand[:, :, width + t] = token
+        hits = torch.isin(token, eos) | (t + 1 >= T)
+        # the K best candidates that did not just finish run on
+        run_lp = top_scores + hits.to(torch.float32) * NEG
+        nxt = torch.topk(run_lp, K)[1]
+        seqs = torch.take_along_dim(cand, nxt[:, :, None], dim=1)
+        run_scores = torch.take_along_dim(run_lp, nxt, dim=1)
+        parents = torch.take_along_dim(parent, nxt, dim=1)
+        # finished hypotheses: the best K of the old ones and those that just ended among the top K
+        just = hits & top_mask[None, :]
+        final = top_scores / ((t + 1) ** length_penalty)
+        final += (~unsat).to(torch.float32) * NEG
+        final += (~just) * NEG
+        merged_scores = torch.cat((fin_scores, final), 1)
+        pick = torch.topk(merged_scores, K)[1]
+        fin_scores = torch.take_along_dim(merged_scores, pick, dim=1)
+        merged_seqs = torch.cat((fin_seqs, cand[:, :, width:]), 1)
+        fin_seqs = torch.take_along_dim(merged_seqs, pick[:, :, None], dim=1)
+        fin_lens = torch.take_along_dim(torch.cat((fin_lens, torch.full_like(token, t + 1)), 1), pick, dim=1)
+        is_fin = torch.take_along_dim(torch.cat((is_fin, just), 1), pick, dim=1)
+        # transformers' early-stop heuristic, at the new length g = t + 1
+        best_running = run_scores[:, :1] / ((t + 1) ** length_penalty)
+        worst = torch.where(is_fin, fin_scores.min(1, keepdim=True)[0], NEG)
+        unsat = unsat & (best_running > worst).any(-1, keepdim=True)
+        if on_step is not None:
+            on_step(t + 1)
+        if bool(hits.all()) or t + 1 == T:
+            finish(torch.ones(b_alive, dtype=torch.bool, device=device))
+            break
+        done = ~unsat[:, 0]
+        if bool(done.any()):
+            finish(done)
+            if bool(done.all()):
+                break
+        stay = ~done
+        # cache rows for the next step: each surviving beam's parent row, done examples dropped
+        # (until the first reorder the cache holds one row per example: every beam's parent is that row)
+        rows = torch.arange(b_alive, device=device)[:, None]
+        source = (rows * K + parents if t else rows.expand(b_alive, K))[stay].reshape(-1)
+        for layer in cache.layers:
+            layer.select_rows(source)
+        alive, seqs, run_scores, unsat = alive[stay], seqs[stay], run_scores[stay], unsat[stay]
+        fin_seqs, fin_scores, fin_lens, is_fin = fin_seqs[stay], fin_scores[stay], fin_lens[stay], is_fin[stay]
+        prompt_mask = prompt_mask[stay]
+        flat = seqs.reshape(-1, width + T)[:, :width + t + 1]
+        mask = torch.cat((prompt_mask.repeat_interleave(K, 0),
+                          prompt_mask.new_ones(len(alive) * K, t + 1)), 1)
+        out = model(input_ids=flat[:, -1:], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                    past_key_values=cache, use_cache=True)
+        log_probs = torch.log_softmax(out.logits[:, -1].float(), -1)
+        log_probs = ban_repeated_ngrams(flat, log_probs, no_repeat_ngram_size).view(len(alive), K, vocab)
+    return best
