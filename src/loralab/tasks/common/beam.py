@@ -24,6 +24,8 @@ from torch import nn
 
 NEG = -1.0e9
 """transformers' mask value for beams that must not be chosen."""
+GROW = 8
+"""Cache positions added at a time (beyond the prompt)."""
 
 
 def ban_repeated_ngrams(rows: torch.Tensor, log_probs: torch.Tensor, n: int) -> torch.Tensor:
@@ -46,21 +48,30 @@ def _layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
 
     class StaticRowLayer(DynamicLayer):
-        """One layer's keys and values: (rows, heads, max_len, dim) buffers, filled up to ``length``."""
+        """One layer's keys and values: (rows, heads, capacity, dim) buffers filled up to ``length``.
+
+        Writes go into the buffer (no concatenation per step); the capacity grows in steps of ``GROW``
+        positions up to ``max_len``, so that reordering rows copies little more than the filled part."""
 
         def __init__(self, max_len: int) -> None:
             super().__init__()
             self.max_len, self.length = max_len, 0
 
+        def _grow(self, rows: torch.Tensor, needed: int) -> torch.Tensor:
+            if rows.shape[2] >= needed:
+                return rows
+            if needed > self.max_len:
+                raise RuntimeError(f"KV cache of {self.max_len} positions overflowed ({needed})")
+            bigger = rows.new_empty(*rows.shape[:2], min(self.max_len, needed + GROW), rows.shape[3])
+            bigger[:, :, :self.length] = rows[:, :, :self.length]
+            return bigger
+
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
             if not self.is_initialized:
-                rows, heads, _, dim = key_states.shape
-                self.keys = key_states.new_empty(rows, heads, self.max_len, dim)
-                self.values = value_states.new_empty(rows, heads, self.max_len, value_states.shape[-1])
+                self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
                 self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
             end = self.length + key_states.shape[2]
-            if end > self.max_len:
-                raise RuntimeError(f"KV cache of {self.max_len} positions overflowed ({end})")
+            self.keys, self.values = self._grow(self.keys, end), self._grow(self.values, end)
             self.keys[:, :, self.length:end] = key_states
             self.values[:, :, self.length:end] = value_states
             self.length = end
