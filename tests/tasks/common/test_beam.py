@@ -12,22 +12,27 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from loralab.models.tiny import tiny_model
-from loralab.tasks.common.beam import ban_repeated_ngrams, beam_search, static_cache
+from loralab.tasks.common.beam import ban_repeated_ngrams, beam_search
+from loralab.tasks.common.llama_step import LlamaStepper
+from loralab.tasks.common.steppers import HFStepper, static_cache
 
 EOS = {"llama": 2, "gpt2": 0}
 EOS_BOOST = 2.0
 
 
 def _peaky(arch: str, seed: int, eos: tuple[int, ...] = ()) -> torch.nn.Module:
-    """A tiny random model with sharper next-token distributions and the ``eos`` logits raised, so that
-    hypotheses end at different lengths (a hook on the head: both searches see the same logits)."""
+    """A tiny random model with sharper next-token distributions and the ``eos`` logits raised by about
+    EOS_BOOST, so that hypotheses end at different lengths: each EOS row of the head gains the mean
+    final hidden state's direction (u / |u|^2, so that h.u / |u|^2 ~ 1 for typical h)."""
     model = tiny_model(arch, "causal_lm", seed=seed)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)
-    boost = torch.zeros(model.config.vocab_size)
-    boost[list(eos or (EOS[arch],))] = EOS_BOOST
-    model.lm_head.register_forward_hook(lambda module, args, out: out + boost)
+        ids = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(seed))
+        inner = model.model if arch == "llama" else model.transformer
+        u = inner(input_ids=ids).last_hidden_state.mean((0, 1))
+        for e in eos or (EOS[arch],):
+            model.lm_head.weight[e] += EOS_BOOST * u / u.dot(u)
     return model
 
 
@@ -48,9 +53,13 @@ def _hf(model, ids, mask, beams, new, eos, penalty, ngram, pad):
     return [row[:next((j + 1 for j, t in enumerate(row) if t in ends), len(row))] for row in rows]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_same_tokens_as_transformers_beam_search(arch):
+@pytest.mark.parametrize("arch,llama_stepper", [("llama", True), ("llama", False), ("gpt2", False)])
+def test_same_tokens_as_transformers_beam_search(arch, llama_stepper, monkeypatch):
+    """Both steppers: loralab's Llama step and the model's own forward (forced for llama by refusing it)."""
+    if not llama_stepper:
+        monkeypatch.setattr(LlamaStepper, "supports", staticmethod(lambda model: False))
     model, rng = _peaky(arch, seed=1), random.Random(0)
+    assert LlamaStepper.supports(model) == llama_stepper
     pad, eos = EOS[arch], [EOS[arch]]
     lengths = []
     for beams, penalty, ngram, new in ((4, 0.9, 3, 12), (3, 1.0, 0, 8), (5, -0.5, 2, 16), (2, 2.0, 4, 10)):
@@ -63,15 +72,19 @@ def test_same_tokens_as_transformers_beam_search(arch):
     assert min(lengths) < 6 and max(lengths) >= 12, sorted(lengths)
 
 
-def test_several_eos_ids_and_done_examples_leave_the_batch():
+@pytest.mark.parametrize("cls", [LlamaStepper, HFStepper])
+def test_several_eos_ids_and_done_examples_leave_the_batch(cls, monkeypatch):
     """Three EOS ids (transformers keeps (1 + 3) K candidates); examples finish at different steps and
-    leave the batch (the forward sees fewer rows); the result still equals transformers' (which keeps
-    computing them)."""
+    leave the batch (the stepper is asked for fewer rows); the result still equals transformers' (which
+    keeps computing them)."""
     eos = [2, 7, 11]
     model, rng = _peaky("llama", seed=2, eos=tuple(eos)), random.Random(1)
+    if cls is HFStepper:
+        monkeypatch.setattr(LlamaStepper, "supports", staticmethod(lambda model: False))
     rows_seen: list[int] = []
-    hook = model.register_forward_pre_hook(lambda m, args, kw: rows_seen.append(kw["input_ids"].shape[0]),
-                                           with_kwargs=True)
+    for name in ("prefill", "step"):
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, ids, mask, real=real: rows_seen.append(len(ids)) or real(self, ids, mask))
     shrank = 0
     for _ in range(3):
         ids, mask = _batch(rng, 5, 2)
@@ -81,11 +94,7 @@ def test_several_eos_ids_and_done_examples_leave_the_batch():
         assert rows_seen[0] == 5 and rows_seen[1] <= 15  # the prompt once per example, then K rows each
         assert steps == list(range(1, len(steps) + 1))
         shrank += rows_seen[-1] < rows_seen[1]
-        hook.remove()
         assert ours == _hf(model, ids, mask, 3, 14, eos, 0.9, 2, 2)
-        hook = model.register_forward_pre_hook(lambda m, args, kw: rows_seen.append(kw["input_ids"].shape[0]),
-                                               with_kwargs=True)
-    hook.remove()
     assert shrank, "no example finished before the others: the test did not exercise dropping"
 
 

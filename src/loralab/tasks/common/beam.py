@@ -11,8 +11,9 @@ Per example, with K beams, V tokens, g tokens generated so far and running score
 
 The arithmetic (the -1e9 masks, the order of every topk) is transformers' own, so in float32 both give the
 same tokens (tested). What differs is the cost: the prompt runs once per example, not once per beam; a
-done example leaves the batch and its rows leave the cache at once; the cache is preallocated
-(``StaticRowCache``) and reordered in place; the n-gram check is one vectorised comparison.
+done example leaves the batch and its rows leave the cache at once; the model steps through
+``steppers`` (a preallocated cache; for Llama models the prompt's keys shared by the beams); the n-gram
+check is one vectorised comparison.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from loralab.tasks.common.llama_step import LlamaStepper
+from loralab.tasks.common.steppers import HFStepper
+
+
+def stepper(model: nn.Module, max_len: int, num_beams: int) -> LlamaStepper | HFStepper:
+    """The fastest stepper that computes ``model`` exactly: ``LlamaStepper`` where it applies."""
+    if LlamaStepper.supports(model):
+        return LlamaStepper(model, max_len, num_beams)
+    return HFStepper(model, max_len)
+
 NEG = -1.0e9
 """transformers' mask value for beams that must not be chosen."""
-GROW = 8
-"""Cache positions added at a time (beyond the prompt)."""
 
 
 def ban_repeated_ngrams(rows: torch.Tensor, log_probs: torch.Tensor, n: int) -> torch.Tensor:
@@ -42,68 +51,6 @@ def ban_repeated_ngrams(rows: torch.Tensor, log_probs: torch.Tensor, n: int) -> 
     row, start = matches.nonzero(as_tuple=True)
     log_probs[row, windows[row, start, -1]] = float("-inf")
     return log_probs
-
-
-def _layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    class StaticRowLayer(DynamicLayer):
-        """One layer's keys and values: (rows, heads, capacity, dim) buffers filled up to ``length``.
-
-        Writes go into the buffer (no concatenation per step); the capacity grows in steps of ``GROW``
-        positions up to ``max_len``, so that reordering rows copies little more than the filled part."""
-
-        def __init__(self, max_len: int) -> None:
-            super().__init__()
-            self.max_len, self.length = max_len, 0
-
-        def _grow(self, rows: torch.Tensor, needed: int) -> torch.Tensor:
-            if rows.shape[2] >= needed:
-                return rows
-            if needed > self.max_len:
-                raise RuntimeError(f"KV cache of {self.max_len} positions overflowed ({needed})")
-            bigger = rows.new_empty(*rows.shape[:2], min(self.max_len, needed + GROW), rows.shape[3])
-            bigger[:, :, :self.length] = rows[:, :, :self.length]
-            return bigger
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            if not self.is_initialized:
-                self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-                self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-            end = self.length + key_states.shape[2]
-            self.keys, self.values = self._grow(self.keys, end), self._grow(self.values, end)
-            self.keys[:, :, self.length:end] = key_states
-            self.values[:, :, self.length:end] = value_states
-            self.length = end
-            return self.keys[:, :, :end], self.values[:, :, :end]
-
-        def select_rows(self, index: torch.Tensor) -> None:
-            """Rows ``index``, in that order (beam reordering; done examples dropped): a fresh buffer, so
-            that later writes never alias rows another beam still reads."""
-            if self.is_initialized:
-                self.keys, self.values = self.keys[index], self.values[index]
-
-        def get_seq_length(self, *args: Any) -> int:
-            return self.length
-
-        def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
-            return self.length + query_length, 0
-
-    return StaticRowLayer
-
-
-def static_cache(model: nn.Module, max_len: int) -> Any:
-    """A transformers ``Cache`` whose layers are preallocated ``max_len`` buffers (no concatenation per step)."""
-    from transformers.cache_utils import Cache
-
-    n_layers = model.config.get_text_config().num_hidden_layers
-    layer = _layer_class()
-    return Cache(layers=[layer(max_len) for _ in range(n_layers)])
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """transformers' position ids for a left-padded batch: cumulative count of real tokens - 1 (pads: 0)."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 @torch.no_grad()
@@ -132,11 +79,9 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     unsat = torch.ones((n_ex, 1), dtype=torch.bool, device=device)
     best: list[list[int]] = [[] for _ in range(n_ex)]
 
-    cache = static_cache(model, width + T)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    # the prompt ran once per example: its log-probs stand for all K (identical) beams
-    log_probs = torch.log_softmax(out.logits[:, -1].float(), -1)
+    steps = stepper(model, width + T, K)
+    # the prompt runs once per example: its log-probs stand for all K (identical) beams
+    log_probs = torch.log_softmax(steps.prefill(input_ids, attention_mask).float(), -1)
     log_probs = ban_repeated_ngrams(input_ids, log_probs, no_repeat_ngram_size)
     log_probs = log_probs[:, None].expand(-1, K, -1)
     vocab = log_probs.shape[-1]
@@ -191,16 +136,13 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         # (until the first reorder the cache holds one row per example: every beam's parent is that row)
         rows = torch.arange(b_alive, device=device)[:, None]
         source = (rows * K + parents if t else rows.expand(b_alive, K))[stay].reshape(-1)
-        for layer in cache.layers:
-            layer.select_rows(source)
+        steps.select(source, stay.nonzero()[:, 0])
         alive, seqs, run_scores, unsat = alive[stay], seqs[stay], run_scores[stay], unsat[stay]
         fin_seqs, fin_scores, fin_lens, is_fin = fin_seqs[stay], fin_scores[stay], fin_lens[stay], is_fin[stay]
         prompt_mask = prompt_mask[stay]
         flat = seqs.reshape(-1, width + T)[:, :width + t + 1]
         mask = torch.cat((prompt_mask.repeat_interleave(K, 0),
                           prompt_mask.new_ones(len(alive) * K, t + 1)), 1)
-        out = model(input_ids=flat[:, -1:], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                    past_key_values=cache, use_cache=True)
-        log_probs = torch.log_softmax(out.logits[:, -1].float(), -1)
+        log_probs = torch.log_softmax(steps.step(flat[:, -1], mask).float(), -1)
         log_probs = ban_repeated_ngrams(flat, log_probs, no_repeat_ngram_size).view(len(alive), K, vocab)
     return best

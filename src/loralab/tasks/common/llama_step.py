@@ -1,0 +1,131 @@
+"""Decoding steps for the Llama family (SmolLM2), computed here from a (merged) model's weights.
+
+For one new token per row (rows = examples x beams, example-major), per layer, with n = RMSNorm::
+
+    q|k|v = W_qkv n(x)                     one matmul (the three projections stacked)
+    q, k  = rope(q, p), rope(k, p)          the model's own rotary module at position p
+    a     = softmax(q [K_prompt; K_gen]^T * scaling) [V_prompt; V_gen]      (grouped-query heads)
+    h     = x + W_o a
+    y     = h + W_down (silu(g) * u),  g|u = W_gate|up n(h)                  one matmul
+
+The prompt's keys and values (from the model's own forward over the prompt) are kept once per example
+and shared by its beams: a beam reorder moves only the generated keys, and the prompt part of the
+attention is one matmul per example for all its beams. RMSNorm and RoPE are transformers' arithmetic;
+the attention's float rounding differs from its kernels by ~1e-7 in float32 (tested against them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralab.tasks.common.steppers import GROW, _grow, positions
+
+
+def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: in float32, the weight applied in the input's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * xf.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _user_hooks(module: nn.Module) -> list:
+    """Forward hooks other than transformers' own output-capturing ones (installed for good by the first
+    ``output_hidden_states=True`` call, they only record what a caller asks for)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return [h for h in hooks if not getattr(h, "__module__", "").startswith("transformers.")]
+
+
+class LlamaStepper:
+    """Beam-search steps for a ``LlamaForCausalLM`` of plain, bias-free linear layers (``supports``)."""
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """A Llama with SiLU, bias-free nn.Linear projections and no hooks (a hook would be bypassed)."""
+        if type(model).__name__ != "LlamaForCausalLM" or getattr(model.config, "hidden_act", None) != "silu":
+            return False
+        if any(_user_hooks(m) for m in model.modules()):
+            return False
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+                return False
+        return type(model.lm_head) is nn.Linear and model.lm_head.bias is None
+
+    def __init__(self, model: nn.Module, max_len: int, num_beams: int) -> None:
+        self.model, self.max_len, self.K = model, max_len, num_beams
+        attn = model.model.layers[0].self_attn
+        cfg = model.config
+        self.H, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+        self.scaling = attn.scaling
+        self.w_qkv = [torch.cat((l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight))
+                      for l in model.model.layers]
+        self.w_gu = [torch.cat((l.mlp.gate_proj.weight, l.mlp.up_proj.weight)) for l in model.model.layers]
+        self.gen_len = 0
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.prompt_k = [layer.keys for layer in cache.layers]  # (examples, Hkv, P, D), rotated
+        self.prompt_v = [layer.values for layer in cache.layers]
+        self.prompt_pad = attention_mask == 0  # (examples, P)
+        self.gen_k: list[torch.Tensor] = []
+        self.gen_v: list[torch.Tensor] = []
+        return out.logits[:, -1]
+
+    def select(self, rows: torch.Tensor, examples: torch.Tensor) -> None:
+        if len(examples) != self.prompt_pad.shape[0]:  # done examples leave (examples: the ones that stay)
+            self.prompt_k = [k[examples] for k in self.prompt_k]
+            self.prompt_v = [v[examples] for v in self.prompt_v]
+            self.prompt_pad = self.prompt_pad[examples]
+        if self.gen_len:
+            self.gen_k = [k[rows] for k in self.gen_k]
+            self.gen_v = [v[rows] for v in self.gen_v]
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        m, H, Hkv, D, K = self.model.model, self.H, self.Hkv, self.D, self.K
+        R, b, P = len(tokens), self.prompt_pad.shape[0], self.prompt_pad.shape[1]
+        G, t = H // Hkv, self.gen_len
+        h = m.embed_tokens(tokens)
+        cos, sin = m.rotary_emb(h, (attention_mask.sum(-1, keepdim=True) - 1))
+        cos, sin = cos[:, 0, None], sin[:, 0, None]  # (R, 1, D): broadcast over heads
+        pad = torch.cat((self.prompt_pad.repeat_interleave(K, 0), self.prompt_pad.new_zeros(R, t + 1)), 1)
+        pad = pad[:, None, None, :]  # (R, 1, 1, P + t + 1)
+        if not self.gen_k:
+            shape = (R, Hkv, min(self.max_len, GROW), D)
+            self.gen_k = [h.new_empty(shape) for _ in m.layers]
+            self.gen_v = [h.new_empty(shape) for _ in m.layers]
+        for i, layer in enumerate(m.layers):
+            qkv = _rms(h, layer.input_layernorm) @ self.w_qkv[i].T
+            q = _rotate(qkv[:, :H * D].view(R, H, D), cos, sin)
+            k = _rotate(qkv[:, H * D:(H + Hkv) * D].view(R, Hkv, D), cos, sin)
+            v = qkv[:, (H + Hkv) * D:].view(R, Hkv, D)
+            self.gen_k[i] = gk = _grow(self.gen_k[i], t, t + 1, self.max_len)
+            self.gen_v[i] = gv = _grow(self.gen_v[i], t, t + 1, self.max_len)
+            gk[:, :, t], gv[:, :, t] = k, v
+            # prompt part: all K beams of an example against its one copy of the prompt keys
+            q_ex = q.view(b, K, Hkv, G, D).transpose(1, 2).reshape(b, Hkv, K * G, D)
+            s_prompt = (q_ex @ self.prompt_k[i].transpose(-1, -2)).view(b, Hkv, K, G, P).transpose(1, 2)
+            q_row = q.view(R, Hkv, G, D)
+            s_gen = q_row @ gk[:, :, :t + 1].transpose(-1, -2)  # (R, Hkv, G, t + 1)
+            scores = torch.cat((s_prompt.reshape(R, Hkv, G, P), s_gen), -1).float() * self.scaling
+            probs = scores.masked_fill_(pad, float("-inf")).softmax(-1).to(h.dtype)
+            p_ex = probs[..., :P].reshape(b, K, Hkv, G, P).transpose(1, 2).reshape(b, Hkv, K * G, P)
+            out = (p_ex @ self.prompt_v[i]).view(b, Hkv, K, G, D).transpose(1, 2).reshape(R, Hkv, G, D)
+            out = out + probs[..., P:] @ gv[:, :, :t + 1]
+            h = h + out.reshape(R, H * D) @ layer.self_attn.o_proj.weight.T
+            gu = _rms(h, layer.post_attention_layernorm) @ self.w_gu[i].T
+            inner = gu.shape[1] // 2
+            h = h + (F.silu(gu[:, :inner]) * gu[:, inner:]) @ layer.mlp.down_proj.weight.T
+        self.gen_len = t + 1
+        return _rms(h, m.norm) @ self.model.lm_head.weight.T
