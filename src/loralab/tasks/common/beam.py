@@ -18,7 +18,7 @@ check is one vectorised comparison.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ def stepper(model: nn.Module, max_len: int, num_beams: int) -> LlamaStepper | HF
     if LlamaStepper.supports(model):
         return LlamaStepper(model, max_len, num_beams)
     return HFStepper(model, max_len)
+
 
 NEG = -1.0e9
 """transformers' mask value for beams that must not be chosen."""
@@ -81,7 +82,7 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
     steps = stepper(model, width + T, K)
     # the prompt runs once per example: its log-probs stand for all K (identical) beams
-    log_probs = torch.log_softmax(steps.prefill(input_ids, attention_mask).float(), -1)
+    log_probs = torch.log_softmax(steps.prefill(input_ids, attention_mask), -1, dtype=torch.float32)
     log_probs = ban_repeated_ngrams(input_ids, log_probs, no_repeat_ngram_size)
     log_probs = log_probs[:, None].expand(-1, K, -1)
     vocab = log_probs.shape[-1]
@@ -93,7 +94,9 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
     for t in range(T):
         b_alive = len(alive)
-        scores = (log_probs + run_scores[:, :, None]).reshape(b_alive, K * vocab)
+        # (in place after the first step; the first step's log_probs is one row viewed K times)
+        scores = (log_probs.add_(run_scores[:, :, None]) if t else log_probs + run_scores[:, :, None])
+        scores = scores.reshape(b_alive, K * vocab)
         top_scores, top_index = torch.topk(scores, keep)
         parent, token = top_index // vocab, top_index % vocab
         cand = torch.take_along_dim(seqs, parent[:, :, None], dim=1)
@@ -143,6 +146,6 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         flat = seqs.reshape(-1, width + T)[:, :width + t + 1]
         mask = torch.cat((prompt_mask.repeat_interleave(K, 0),
                           prompt_mask.new_ones(len(alive) * K, t + 1)), 1)
-        log_probs = torch.log_softmax(steps.step(flat[:, -1], mask).float(), -1)
+        log_probs = torch.log_softmax(steps.step(flat[:, -1], mask), -1, dtype=torch.float32)
         log_probs = ban_repeated_ngrams(flat, log_probs, no_repeat_ngram_size).view(len(alive), K, vocab)
     return best
