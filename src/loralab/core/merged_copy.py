@@ -76,15 +76,15 @@ def merged_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     dequantized: dict[str, nn.Linear] = {}  # LoRA over 4-bit, by module name
     for name, layer in lora_modules(model):
         base, names = layer.base_layer, applied_adapters(layer)
-        if isinstance(base, Linear4bit):
-            weight = base.dequantize(torch.float32)
-            for n in names:
-                weight = weight + layer.delta_weight(n).to(torch.float32)
+        quantized = isinstance(base, Linear4bit)
+        if not (quantized or names):
+            continue  # the base weight as it is
+        weight = base.dequantize(torch.float32) if quantized else base.weight.detach().to(torch.float32)
+        for n in names:
+            weight = weight + layer.delta_weight(n).to(torch.float32)
+        if quantized:
             dequantized[name] = _dense_linear(weight, base.bias, dtype or base.weight_dtype)
-        elif names:
-            weight = base.weight.detach().to(torch.float32)
-            for n in names:
-                weight = weight + layer.delta_weight(n).to(torch.float32)
+        else:
             merged[id(base.weight)] = weight.to(dtype or base.weight.dtype)
     # deepcopy with a memo that hands out the final parameters: no full-precision duplicate is made, and
     # tied weights (one Parameter used twice) stay tied

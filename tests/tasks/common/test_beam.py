@@ -84,7 +84,8 @@ def test_several_eos_ids_and_done_examples_leave_the_batch(cls, monkeypatch):
     rows_seen: list[int] = []
     for name in ("prefill", "step"):
         real = getattr(cls, name)
-        monkeypatch.setattr(cls, name, lambda self, ids, mask, real=real: rows_seen.append(len(ids)) or real(self, ids, mask))
+        monkeypatch.setattr(cls, name, lambda self, ids, mask, *rest, real=real:
+                            rows_seen.append(len(ids)) or real(self, ids, mask, *rest))
     shrank = 0
     for _ in range(3):
         ids, mask = _batch(rng, 5, 2)

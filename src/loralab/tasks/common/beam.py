@@ -27,11 +27,12 @@ from loralab.tasks.common.llama_step import LlamaStepper
 from loralab.tasks.common.steppers import HFStepper
 
 
-def stepper(model: nn.Module, max_len: int, num_beams: int) -> LlamaStepper | HFStepper:
-    """The fastest stepper that computes ``model`` exactly: ``LlamaStepper`` where it applies."""
+def stepper(model: nn.Module) -> LlamaStepper | HFStepper:
+    """The fastest stepper that computes ``model`` exactly: ``LlamaStepper`` where it applies. Make one
+    per decoding model and pass it to every ``beam_search`` call (the Llama one stacks weights once)."""
     if LlamaStepper.supports(model):
-        return LlamaStepper(model, max_len, num_beams)
-    return HFStepper(model, max_len)
+        return LlamaStepper(model)
+    return HFStepper(model)
 
 
 NEG = -1.0e9
@@ -58,9 +59,11 @@ def ban_repeated_ngrams(rows: torch.Tensor, log_probs: torch.Tensor, n: int) -> 
 def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int,
                 max_new_tokens: int, eos_ids: Sequence[int], length_penalty: float = 1.0,
                 no_repeat_ngram_size: int = 0, pad_id: int = 0,
-                on_step: Callable[[int], None] | None = None) -> list[list[int]]:
+                on_step: Callable[[int], None] | None = None,
+                steps: LlamaStepper | HFStepper | None = None) -> list[list[int]]:
     """The best hypothesis of each left-padded prompt row: its new tokens, EOS included if it ended so.
-    ``on_step(k)``: told after each decoding step how many steps are now done (for a progress bar)."""
+    ``on_step(k)``: told after each decoding step how many steps are now done (for a progress bar);
+    ``steps``: ``stepper(model)``, made here when not given."""
     device = input_ids.device
     n_ex, width = input_ids.shape
     K, T = num_beams, max_new_tokens
@@ -80,9 +83,9 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     unsat = torch.ones((n_ex, 1), dtype=torch.bool, device=device)
     best: list[list[int]] = [[] for _ in range(n_ex)]
 
-    steps = stepper(model, width + T, K)
+    steps = stepper(model) if steps is None else steps
     # the prompt runs once per example: its log-probs stand for all K (identical) beams
-    log_probs = torch.log_softmax(steps.prefill(input_ids, attention_mask), -1, dtype=torch.float32)
+    log_probs = torch.log_softmax(steps.prefill(input_ids, attention_mask, width + T), -1, dtype=torch.float32)
     log_probs = ban_repeated_ngrams(input_ids, log_probs, no_repeat_ngram_size)
     log_probs = log_probs[:, None].expand(-1, K, -1)
     vocab = log_probs.shape[-1]
@@ -126,7 +129,7 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         unsat = unsat & (best_running > worst).any(-1, keepdim=True)
         if on_step is not None:
             on_step(t + 1)
-        if bool(hits.all()) or t + 1 == T:
+        if bool(hits.all()):  # every candidate ended (at t + 1 == T they all do)
             finish(torch.ones(b_alive, dtype=torch.bool, device=device))
             break
         done = ~unsat[:, 0]

@@ -94,7 +94,7 @@ def generate_batched(model: nn.Module, prompts: Sequence[Sequence[int]], config:
 
 def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], config: Any, pad_id: int, stop_ids: Sequence[int],
             batch_size: int, bar: Any, own_beams: bool) -> list[list[int]]:
-    from loralab.tasks.common.beam import beam_search
+    from loralab.tasks.common.beam import beam_search, stepper
 
     stops = set(stop_ids)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -102,6 +102,7 @@ def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], config: Any, pad
     device = next(model.parameters()).device
     replies: list[list[int]] = [[] for _ in prompts]
     criteria = _tick_criteria(bar) if bar is not None and not own_beams else None
+    steps_of = stepper(model) if own_beams else None  # one per model, for every batch
     taken = [0]  # steps the last beam search ran
 
     def tick(step: int) -> None:
@@ -116,7 +117,7 @@ def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], config: Any, pad
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
         if own_beams:
             rows = beam_search(model, ids, mask, config.num_beams, config.max_new_tokens, eos, config.length_penalty,
-                               config.no_repeat_ngram_size or 0, pad_id, on_step=tick)
+                               config.no_repeat_ngram_size or 0, pad_id, on_step=tick, steps=steps_of)
             steps = taken[0]
         else:
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,

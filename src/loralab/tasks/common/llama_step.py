@@ -59,8 +59,9 @@ class LlamaStepper:
                 return False
         return type(model.lm_head) is nn.Linear and model.lm_head.bias is None
 
-    def __init__(self, model: nn.Module, max_len: int, num_beams: int) -> None:
-        self.model, self.max_len, self.K = model, max_len, num_beams
+    def __init__(self, model: nn.Module) -> None:
+        """Stacks q|k|v and gate|up once: the stepper then serves every batch decoded with ``model``."""
+        self.model = model
         attn = model.model.layers[0].self_attn
         cfg = model.config
         self.H, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
@@ -68,11 +69,11 @@ class LlamaStepper:
         self.w_qkv = [torch.cat((l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight))
                       for l in model.model.layers]
         self.w_gu = [torch.cat((l.mlp.gate_proj.weight, l.mlp.up_proj.weight)) for l in model.model.layers]
-        self.gen_len = 0
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int) -> torch.Tensor:
         from transformers.cache_utils import DynamicCache
 
+        self.max_len, self.gen_len = max_len, 0
         cache = DynamicCache(config=self.model.config)
         out = self.model.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=positions(attention_mask), past_key_values=cache, use_cache=True)
@@ -95,9 +96,9 @@ class LlamaStepper:
             self.gen_v = [v[rows] for v in self.gen_v]
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        m, H, Hkv, D, K = self.model.model, self.H, self.Hkv, self.D, self.K
+        m, H, Hkv, D = self.model.model, self.H, self.Hkv, self.D
         R, b, P = len(tokens), self.prompt_pad.shape[0], self.prompt_pad.shape[1]
-        G, t = H // Hkv, self.gen_len
+        G, K, t = H // Hkv, R // b, self.gen_len  # rows: b examples x K beams
         h = m.embed_tokens(tokens)
         cos, sin = m.rotary_emb(h, (attention_mask.sum(-1, keepdim=True) - 1))
         cos, sin = cos[:, 0, None], sin[:, 0, None]  # (R, 1, D): broadcast over heads

@@ -1,7 +1,8 @@
 """What beam search runs per step: a model's forward with a KV cache whose rows can be reordered.
 
-Both steppers answer ``prefill(ids, mask)`` (last-position logits of each left-padded prompt, once per
-example), ``select(rows, examples)`` (keep these rows, in this order: each beam's parent, done examples
+A stepper is made once per decoding model and serves every batch. Both answer ``prefill(ids, mask,
+max_len)`` (a new batch: last-position logits of each left-padded prompt, once per example, and a cache
+for ``max_len`` positions), ``select(rows, examples)`` (keep these rows, in this order: each beam's parent, done examples
 dropped) and ``step(tokens, mask)`` (the next logits of every row, one new token each).
 
 * ``HFStepper``: any transformers causal LM through its own forward, with a preallocated cache
@@ -96,13 +97,14 @@ def static_cache(model: nn.Module, max_len: int) -> Any:
 class HFStepper:
     """Any transformers causal LM, through its forward and a ``static_cache``."""
 
-    def __init__(self, model: nn.Module, max_len: int) -> None:
+    def __init__(self, model: nn.Module) -> None:
         import inspect
 
-        self.model, self.cache = model, static_cache(model, max_len)
+        self.model = model
         self.keep_kwarg = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int) -> torch.Tensor:
+        self.cache = static_cache(self.model, max_len)
         extra = {"logits_to_keep": 1} if self.keep_kwarg else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                          past_key_values=self.cache, use_cache=True, **extra)

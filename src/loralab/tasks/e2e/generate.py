@@ -2,7 +2,8 @@
 
 Settings come from the run config's ``generate`` section (paper: beam 10, length penalty 0.9,
 no-repeat 4-grams, at most 64 new tokens, stop at EOS), with transformers' beam-search semantics
-(``common.generation``: a merged copy and loralab's beam search by default). An output is the text of the new tokens before the first EOS, on one line.
+(``common.generation``: a merged copy and loralab's beam search by default). An output is the text of
+the new tokens before the first EOS, on one line.
 """
 
 from __future__ import annotations
