@@ -18,22 +18,17 @@ converters serialize on a file lock, so a half-written model is never visible.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import shutil
-import sys
-import time
-import uuid
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from loralab.models.build_once import MARKER_FILE, build_once, is_built, stderr
+
+__all__ = ["MARKER_FILE", "convert_gguf", "hf_tensor_name", "is_converted", "unpermute_rope_rows"]
+
 CONVERTER_VERSION = 1
-MARKER_FILE = "loralab_conversion.json"
 
 # llama.cpp per-block tensor names -> transformers LlamaForCausalLM names.
 _BLOCK_NAMES = {
@@ -137,31 +132,14 @@ def llama_state_dict(reader: Any, config: dict[str, Any]) -> dict[str, "torch.Te
     return state
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (flock) held for the block; released when the process dies, too."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _marker(gguf_path: Path) -> dict[str, Any]:
+    return {"converter_version": CONVERTER_VERSION, "gguf_name": gguf_path.name,
+            "gguf_size": gguf_path.stat().st_size}
 
 
 def is_converted(out_dir: Path, gguf_path: Path) -> bool:
     """True when ``out_dir`` holds a finished conversion of this very GGUF by this converter version."""
-    marker = Path(out_dir) / MARKER_FILE
-    if not marker.is_file():
-        return False
-    info = json.loads(marker.read_text())
-    return (info.get("converter_version") == CONVERTER_VERSION
-            and info.get("gguf_size") == Path(gguf_path).stat().st_size
-            and info.get("gguf_name") == Path(gguf_path).name)
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    return is_built(out_dir, _marker(Path(gguf_path)))
 
 
 def _write_hf_dir(gguf_path: Path, target: Path) -> None:
@@ -187,38 +165,15 @@ def _write_hf_dir(gguf_path: Path, target: Path) -> None:
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
-                 progress: Callable[[str], None] = _stderr) -> Path:
+                 progress: Callable[[str], None] = stderr) -> Path:
     """Convert ``gguf_path`` into the HF directory ``out_dir`` once; later calls return at once.
 
-    Safe under concurrency: converters take ``<out_dir>.lock``; the one that wins writes into a
-    sibling temp directory and renames it into place; the others find the finished directory.
-    A stale conversion (other converter version or GGUF size) is replaced.
+    Safe under concurrency and crashes (:func:`loralab.models.build_once.build_once`); a stale
+    conversion (other converter version or GGUF size) is replaced.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    if is_converted(out_dir, gguf_path):
-        return out_dir
-    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
-        if is_converted(out_dir, gguf_path):  # another process finished while we waited
-            return out_dir
-        progress(f"loralab: converting {gguf_path.name} to a safetensors model in {out_dir} "
-                 "(one time only, about 30 s)...")
-        start = time.perf_counter()
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
-            _write_hf_dir(gguf_path, tmp)
-            (tmp / MARKER_FILE).write_text(json.dumps({
-                "converter_version": CONVERTER_VERSION, "gguf_name": gguf_path.name,
-                "gguf_size": gguf_path.stat().st_size, "gguf_path": str(gguf_path)}, indent=2))
-            if out_dir.exists():  # stale or broken: move aside, then delete
-                stale = out_dir.parent / f".{out_dir.name}.stale-{uuid.uuid4().hex[:8]}"
-                out_dir.rename(stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.rename(out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        progress(f"loralab: converted {gguf_path.name} in {time.perf_counter() - start:.1f} s -> {out_dir}")
-    return out_dir
+    return build_once(out_dir, _marker(gguf_path), lambda tmp: _write_hf_dir(gguf_path, tmp),
+                      f"converting {gguf_path.name} to a safetensors model (about 30 s)", progress,
+                      record={"gguf_path": str(gguf_path)})

