@@ -203,6 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base weights and save a plain Hugging Face model dir."""
     from loralab.core.adapter_io import check_adapter_files
+    from loralab.core.methods import merge_refusal, missing_heads, saved_method
     from loralab.engine.merge import merge_adapter
 
     adapter = Path(args.adapter_dir)
@@ -210,7 +211,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         adapter = _find_adapter(adapter, "give the adapter dir itself") if adapter.is_dir() else adapter
     if not (adapter / "adapter_config.json").is_file():
         raise UsageError(f"{args.adapter_dir}: no adapter_config.json (not an adapter or run dir)")
-    check_adapter_files(adapter, heads_required=not args.allow_fresh_head)  # before minutes of model loading
+    method = saved_method(adapter)  # checked before minutes of model loading
+    if merge_refusal(method):
+        raise UsageError(f"{adapter} holds a {method!r} run, which cannot be merged: {merge_refusal(method)}")
+    if method == "lora":
+        check_adapter_files(adapter, heads_required=not args.allow_fresh_head)
+    elif missing_heads(adapter) and not args.allow_fresh_head:
+        raise UsageError(f"{adapter}: the head {missing_heads(adapter)} it lists has no weights in the file, so the "
+                         "merged model would carry a random head; pass --allow-fresh-head to merge anyway")
     config, overrides = _split_items(args.items)
     config = config or _config_near(adapter)
     if config is None and not args.preset:

@@ -155,10 +155,12 @@ def adapter_modules(model: nn.Module) -> list[tuple[str, AdapterWrapper]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterWrapper)]
 
 
+WHY_NO_MERGE = ("bottleneck adapters cannot be merged into the base weights: h + W_up f(W_down h) is a nonlinear "
+                "function of h (f is an activation), not a change of any weight matrix, so the adapter layers stay "
+                "in the model at inference (the extra latency Hu et al. Table 1 measures). Save them with "
+                "save_method instead; only LoRA merges.")
+
+
 def merge_adapters(model: nn.Module) -> None:
     """Always raises: a bottleneck adapter cannot be folded into the base weights."""
-    raise NotImplementedError(
-        "bottleneck adapters cannot be merged into the base weights: h + W_up f(W_down h) is a nonlinear "
-        "function of h (f is an activation), not a change of any weight matrix, so the adapter layers stay "
-        "in the model at inference (the extra latency Hu et al. Table 1 measures). Save them with "
-        "save_method instead; only LoRA merges.")
+    raise NotImplementedError(WHY_NO_MERGE)

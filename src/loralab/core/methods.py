@@ -59,6 +59,8 @@ def _full(model: nn.Module) -> dict:
 
 
 def _bitfit(model: nn.Module) -> dict:
+    if not any(name.split(".")[-1] == "bias" for name, _ in model.named_parameters()):
+        raise ValueError(f"bitfit: {type(model).__name__} has no bias parameters to train")
     for name, p in model.named_parameters():
         p.requires_grad_(name.split(".")[-1] == "bias")
     return {}
@@ -265,6 +267,40 @@ def load_method(model: nn.Module, directory: str | Path, trainable: bool = True)
     return info
 
 
+def saved_method(directory: str | Path) -> str:
+    """The method a saved directory holds: its config's "method" ("lora" for a PEFT/loralab LoRA adapter)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a saved adapter/method directory?")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the file is damaged; save the method again") from None
+    method = config.get("method", "lora") if isinstance(config, dict) else None
+    if method not in METHODS:
+        raise ValueError(f"{path}: method {method!r} is not one of {METHODS}")
+    return method
+
+
+def merge_refusal(method: str) -> str | None:
+    """Why ``method`` cannot be folded into the base weights, or None: LoRA folds, and full/bitfit/ft_top2
+    have nothing to fold (the trained weights are the model's own)."""
+    if method.startswith("adapter_"):
+        return adapters.WHY_NO_MERGE
+    return {"prefix_layer": prefix.WHY_NO_MERGE, "prefix_embed": prefix_embed.WHY_NO_MERGE}.get(method)
+
+
+def missing_heads(directory: str | Path) -> list[str]:
+    """The heads a saved method lists (config "head") with no tensor in its weights file."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    heads = json.loads((directory / CONFIG_NAME).read_text()).get("head") or []
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        keys = list(f.keys())
+    return [h for h in heads if not any(k.startswith(h + ".") for k in keys)]
+
+
 def merge_method(model: nn.Module) -> None:
     """LoRA: fold into the base weights. full/bitfit/ft_top2: nothing to merge (the trained weights are the
     model's own). Adapters and prefixes: NotImplementedError saying why they cannot merge."""
@@ -272,9 +308,5 @@ def merge_method(model: nn.Module) -> None:
     if name == "lora":
         from loralab.core.inject import merge_adapters
         merge_adapters(model)
-    elif name.startswith("adapter_"):
-        adapters.merge_adapters(model)
-    elif name == "prefix_layer":
-        prefix.merge_prefixes(model)
-    elif name == "prefix_embed":
-        prefix_embed.merge_prefix_embedding(model)
+    elif merge_refusal(name):
+        raise NotImplementedError(merge_refusal(name))

@@ -242,10 +242,12 @@ def merge_reparametrization(model: nn.Module) -> None:
     delattr(model, REPARAM_ATTR)
 
 
+WHY_NO_MERGE = ("prefix tuning cannot be merged into the base weights: the prefixes are extra keys and values every "
+                "query attends to (they change the softmax's normaliser for every token), which no change of W_q, "
+                "W_k, W_v or W_o reproduces. Keep them in the model (save_method saves them); use "
+                "merge_reparametrization to fold the reparametrisation MLP into plain prefixes.")
+
+
 def merge_prefixes(model: nn.Module) -> None:
     """Always raises: prefixes are extra attended keys/values, not a change of any weight."""
-    raise NotImplementedError(
-        "prefix tuning cannot be merged into the base weights: the prefixes are extra keys and values every "
-        "query attends to (they change the softmax's normaliser for every token), which no change of W_q, "
-        "W_k, W_v or W_o reproduces. Keep them in the model (save_method saves them); use "
-        "merge_reparametrization to fold the reparametrisation MLP into plain prefixes.")
+    raise NotImplementedError(WHY_NO_MERGE)

@@ -103,9 +103,11 @@ def add_prefix_embedding(model: nn.Module, l_p: int = 10, l_i: int = 0, prefix_a
             "count": embed.embedding_dim * (l_p + l_i)}
 
 
+WHY_NO_MERGE = ("prefix embeddings cannot be merged into the base weights: they are extra input tokens the model "
+                "attends to (the sequence is l_p + l_i longer), which no change of the weights reproduces. Keep them "
+                "in the model (save_method saves them).")
+
+
 def merge_prefix_embedding(model: nn.Module) -> None:
     """Always raises: the prefix/infix tokens are extra inputs, not a change of any weight."""
-    raise NotImplementedError(
-        "prefix embeddings cannot be merged into the base weights: they are extra input tokens the model "
-        "attends to (the sequence is l_p + l_i longer), which no change of the weights reproduces. Keep them "
-        "in the model (save_method saves them).")
+    raise NotImplementedError(WHY_NO_MERGE)

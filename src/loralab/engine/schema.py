@@ -123,7 +123,7 @@ class LoraSection(Section):
                  "init_lora_weights", "use_rslora", "modules_to_save", "fused_qkv", "rank_pattern", "alpha_pattern",
                  "init_from"),
         "full": ("method", "modules_to_save"),
-        "bitfit": ("method", "modules_to_save"),
+        "bitfit": ("method", "modules_to_save", "init_from"),
         "linear_probe": ("method", "modules_to_save"),
         "adapter_h": ("method", "r", "adapter_activation", "adapter_layernorm", "modules_to_save", "init_from"),
         "adapter_l": ("method", "r", "adapter_activation", "modules_to_save", "init_from"),

@@ -158,8 +158,8 @@ def test_warm_start_loads_trainable_and_keeps_training(tmp_path, target_labels, 
 def test_warm_start_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         apply(_bert(), r=4, init_from=str(tmp_path / "nope"))
-    # a warm start is LoRA only: with another method the config refuses the key (it would not be read)
+    # full fine-tuning saves no adapter dir to warm start from: the config refuses the key (it would not be read)
     from loralab.engine.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="lora.init_from: not read with lora.method=bitfit"):
-        load_config(overrides=["experiment=glue", "lora.method=bitfit", f"lora.init_from={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="lora.init_from: not read with lora.method=full"):
+        load_config(overrides=["experiment=glue", "lora.method=full", f"lora.init_from={tmp_path / 'nope'}"])

@@ -227,8 +227,9 @@ def test_build_fit_report(tiny_bert_dir, tmp_path, task, method):
     assert result.learned is (result.score - built.baseline.score > result.margin)
     assert result.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert result.details["method_info"]["trainable"] == result.trainable_params
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() == (method == "lora")
-    assert (result.details["adapter_dir"] is not None) == (method == "lora")
+    saves = method in ("lora", "bitfit")  # full fine-tuning saves no adapter: every weight is trained
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() == saves
+    assert (result.details["adapter_dir"] is not None) == saves
     assert all(math.isfinite(v) for v in result.metrics.values())
 
 
@@ -295,8 +296,15 @@ def test_presets_are_registered_and_method_aware():
     assert lrs["full"] <= 1e-4 < min(lrs["lora"], lrs["bitfit"])  # full FT moves every weight: far lower lr
     cpu = load_config(preset="glue-cpu-sst2-full")
     assert cpu.lora.method == "full" and cpu.model.name == "minilm-l6" and cpu.data.max_length == 128
+    methods = ("", "-full", "-bitfit", "-adapter_h", "-adapter_l", "-adapter_p", "-prefix_layer", "-prefix_embed",
+               "-ft_top2")
     assert set(EXP.presets) == {f"glue-paper-{t}" for t in recipe} | {
-        f"glue-cpu-{t}{s}" for t in recipe for s in ("", "-full", "-bitfit")}
+        f"glue-{size}-{t}{s}" for size in ("cpu", "mpnet") for t in recipe for s in methods}
+    for s in methods:  # every preset builds a valid config whose method is its suffix
+        c = load_config(preset=f"glue-mpnet-mrpc{s}")
+        assert c.lora.method == (s[1:] or "lora") and c.model.name == "mpnet-base" and c.model.compute_dtype == "auto"
+    assert load_config(preset="glue-cpu-sst2-adapter_h").lora.r == 8
+    assert load_config(preset="glue-cpu-sst2-ft_top2").lora.top_layers == 2
 
 
 @needs_shared

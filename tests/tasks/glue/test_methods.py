@@ -160,3 +160,47 @@ def test_prefix_embed_inputs_must_fit_the_models_positions(dirs):
                                          r"data.max_length=126 \+ 5 exceeds the model's 128 positions"):
         EXP.build(_cfg(dirs, "lora.method=prefix_embed", "lora.prefix_length=2", "lora.infix_length=3",
                        "data.max_length=126"))
+
+
+@pytest.mark.parametrize("method", ["ft_top2", "bitfit"])
+def test_merge_of_a_top_layers_or_bias_run_exports_the_trained_model(dirs, tmp_path, capsys, method):
+    """``loralab merge RUN`` on a method whose trained tensors are the model's own: the exported plain
+    model, reloaded with transformers, gives the trained model's logits (not the base's)."""
+    import transformers
+
+    from loralab import cli
+
+    run, _ = run_training(_cfg(dirs, f"out_dir={tmp_path}", f"lora.method={method}", "train.lr=5e-2"))
+    assert (run.dir / "adapter" / "adapter_config.json").is_file()
+    assert cli.main(["merge", str(run.dir), "--out", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    trained = EXP.build(_cfg(dirs, f"lora.method={method}", f"lora.init_from={run.dir / 'adapter'}"))
+    base = EXP.build(_cfg(dirs))
+    batch = trained.task.collate(next(iter(trained.state["eval_sets"].values()))[:8])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected, got = trained.model.eval()(**inputs).logits, merged(**inputs).logits
+        assert (base.model.eval()(**inputs).logits - expected).abs().max() > 1e-3  # training moved it
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())
+    assert info["method"] == method and info["max_abs_logit_diff_reloaded"] < 1e-5
+
+
+def test_merge_refuses_adapters_and_prefixes_and_a_missing_head(dirs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from loralab import cli
+
+    for method, reason in [("adapter_h", "bottleneck adapters cannot be merged"),
+                           ("prefix_layer", "prefix tuning cannot be merged")]:
+        run, _ = run_training(_cfg(dirs, f"out_dir={tmp_path / method}", f"lora.method={method}"))
+        assert cli.main(["merge", str(run.dir), "--out", str(tmp_path / f"m-{method}")]) == 2
+        err = capsys.readouterr().err
+        assert f"holds a {method!r} run, which cannot be merged" in err and reason in err
+        assert not (tmp_path / f"m-{method}").exists()
+    run, _ = run_training(_cfg(dirs, f"out_dir={tmp_path / 'top'}", "lora.method=ft_top2"))
+    weights = run.dir / "adapter" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("classifier.")}, str(weights))
+    assert cli.main(["merge", str(run.dir), "--out", str(tmp_path / "m-top")]) == 2
+    err = capsys.readouterr().err
+    assert "the head ['classifier']" in err and "--allow-fresh-head" in err and not (tmp_path / "m-top").exists()

@@ -35,9 +35,9 @@ from loralab.core import methods as core_methods
 from loralab.core.adapter_io import PREFIX, load_adapter
 from loralab.core.inject import count_parameters, inject_adapter
 
-CORE_METHODS = ("adapter_h", "adapter_l", "adapter_p", "prefix_layer", "prefix_embed", "ft_top2")
+CORE_METHODS = ("bitfit", "adapter_h", "adapter_l", "adapter_p", "prefix_layer", "prefix_embed", "ft_top2")
 """Methods applied, counted, saved and loaded by ``core.methods``."""
-METHODS = ("lora", "full", "bitfit", "linear_probe", *CORE_METHODS)
+METHODS = ("lora", "full", "linear_probe", *CORE_METHODS)
 DEFAULT_TARGETS = ["query", "value"]
 QV_NAMES: dict[str, list[str]] = {
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
@@ -105,14 +105,6 @@ def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] |
         model.requires_grad_(False)
         for name in heads:
             model.get_submodule(name).requires_grad_(True)
-    elif method == "bitfit":
-        biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]
-        if not biases:
-            raise ValueError(f"lora.method=bitfit: {type(model).__name__} has no bias parameters to train")
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith("bias"))
-        for name in heads:
-            model.get_submodule(name).requires_grad_(True)
     elif method in CORE_METHODS:
         info.update(_apply_core(model, lora, heads))
     elif lora.init_from:
@@ -139,6 +131,8 @@ def method_settings(lora: Any) -> dict[str, Any]:
     """The ``core.methods.apply_method`` settings of a core method from the run's ``lora`` section
     (only the fields the method reads: ``LoraSection.METHOD_KEYS``)."""
     method = lora.method
+    if method == "bitfit":
+        return {}
     if method.startswith("adapter_"):
         settings: dict[str, Any] = {"r": lora.r, "activation": lora.adapter_activation}
         if method == "adapter_h":

@@ -23,7 +23,17 @@ PAPER_RECIPE: dict[str, tuple[int, int, float]] = {
     "qnli": (32, 25, 4e-4), "qqp": (16, 25, 5e-4), "rte": (32, 80, 5e-4), "stsb": (16, 40, 4e-4),
 }
 
-CPU_LR = {"lora": 2e-3, "full": 5e-5, "bitfit": 1e-3}
+CPU_LR = {"lora": 2e-3, "full": 5e-5, "bitfit": 1e-3, "adapter_h": 1e-3, "adapter_l": 1e-3, "adapter_p": 1e-3,
+          "prefix_layer": 1e-2, "prefix_embed": 3e-2, "ft_top2": 1e-4}
+"""Learning rate per method for the short CPU runs (see the module docstring for how they were picked)."""
+METHOD_KEYS: dict[str, dict] = {
+    "lora": {"lora.r": 8, "lora.lora_alpha": 8.0, "lora.target_modules": ["query", "value"]},
+    # Hu et al.'s adapter baselines at their smallest size: bottleneck r = 8
+    "adapter_h": {"lora.r": 8}, "adapter_l": {"lora.r": 8}, "adapter_p": {"lora.r": 8},
+    "prefix_layer": {"lora.prefix_length": 10}, "prefix_embed": {"lora.prefix_length": 10},
+    "ft_top2": {"lora.top_layers": 2},
+}
+"""The method's own settings in the CPU presets (the rest are the schema's defaults)."""
 CPU_TRAIN_SAMPLES = 2000
 CPU_EVAL_SAMPLES = {"mnli": 2000, "qqp": 2000, "qnli": 2000}  # big dev sets: the first 2,000 (others: all)
 
@@ -50,10 +60,18 @@ def cpu_preset(task: str, method: str = "lora") -> dict:
         "train.lr": CPU_LR[method], "train.batch_size": 16, "train.epochs": 3.0, "train.warmup_ratio": 0.06,
         "train.schedule": "linear", "train.keep_best": True, "train.length_grouped": True,
     }
+    preset.update(METHOD_KEYS.get(method, {}))
     if method == "lora":
-        preset.update({"lora.r": 8, "lora.lora_alpha": 8.0, "lora.target_modules": ["query", "value"],
-                       "lora.modules_to_save": ["classifier"]})
+        preset["lora.modules_to_save"] = ["classifier"]
     return preset
+
+
+def mpnet_preset(task: str, method: str = "lora") -> dict:
+    """The CPU recipe on MPNet-base (109M, about RoBERTa-base's size) in bf16 where the CPU has it."""
+    suffix = "" if method == "lora" else f"-{method}"
+    return {**cpu_preset(task, method), "_doc": f"{task.upper()}: {method} on MPNet-base, 2,000 examples, bf16 "
+            "compute where the CPU has it", "name": f"glue-mpnet-{task}{suffix}", "model.name": "mpnet-base",
+            "model.compute_dtype": "auto"}
 
 
 def all_presets() -> dict[str, dict]:
@@ -61,6 +79,6 @@ def all_presets() -> dict[str, dict]:
     for task in TASKS:
         presets[f"glue-paper-{task}"] = paper_preset(task)
         for method in CPU_LR:
-            preset = cpu_preset(task, method)
-            presets[preset["name"]] = preset
+            for preset in (cpu_preset(task, method), mpnet_preset(task, method)):
+                presets[preset["name"]] = preset
     return presets
