@@ -299,6 +299,18 @@ def cmd_glue_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_e2e_table(args: argparse.Namespace) -> int:
+    from loralab.tasks.e2e import table
+
+    if not Path(args.runs_dir).is_dir():
+        raise UsageError(f"{args.runs_dir}: no such directory")
+    results = table.collect(args.runs_dir)
+    if not results:
+        raise UsageError(f"no finished E2E runs under {args.runs_dir}")
+    table.write_e2e_table(results, args.out or args.runs_dir)
+    return 0
+
+
 def cmd_score_e2e(args: argparse.Namespace) -> int:
     from loralab.metrics.e2e import score_files
 

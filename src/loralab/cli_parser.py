@@ -74,6 +74,11 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", help="where glue_table.md/.json go (default: RUNS_DIR)")
     p.set_defaults(func=commands.cmd_glue_table)
 
+    p = sub.add_parser("e2e-table", help="the E2E table of finished runs (every method) beside the baseline and the paper")
+    p.add_argument("runs_dir", metavar="RUNS_DIR")
+    p.add_argument("--out", help="where e2e_table.md/.json go (default: RUNS_DIR)")
+    p.set_defaults(func=commands.cmd_e2e_table)
+
     p = sub.add_parser("score-e2e", help="score E2E NLG outputs against references (BLEU, NIST, METEOR, ...)")
     p.add_argument("hyp", metavar="HYP")
     p.add_argument("ref", metavar="REF")

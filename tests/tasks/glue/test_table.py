@@ -195,3 +195,29 @@ def test_per_run_lines_state_time_and_throughput(tmp_path, capsys):
     assert "| RTE | lora | 0 | 61.0 | 50.0 | yes | 1,234 | 123 | 4,568 | one |" in capsys.readouterr().out
     assert (tmp_path / "runs" / "glue_table.md").exists() and (tmp_path / "runs" / "glue_table.json").exists()
     assert main(["glue-table", str(tmp_path / "nothing")]) == 2
+
+
+def test_every_method_gets_the_papers_rows_whose_averages_match_table_2():
+    """Each transcribed row's mean over the 8 tasks equals the Avg column Hu et al. print beside it (an
+    independent check of the transcription), and a method's rows appear when it ran."""
+    printed_avg = {"paper: RoBERTa-base LoRA (Hu et al. 2021)": 87.2, "paper: RoBERTa-large LoRA† (Hu et al. 2021)": 88.6,
+                   "paper: RoBERTa-base FT*": 86.4, "paper: RoBERTa-base BitFit*": 85.2,
+                   "paper: RoBERTa-large Adapter^H† (r=8)": 86.4, "paper: RoBERTa-large Adapter^H† (r=64)": 87.8,
+                   "paper: RoBERTa-large Adapter^P† (r=16)": 87.9, "paper: RoBERTa-large Adapter^P† (r=64)": 88.4,
+                   "paper: RoBERTa-base Adapter^D* (0.3M)": 84.4, "paper: RoBERTa-base Adapter^D* (0.9M)": 85.4}
+    rows = [row for rows in R.PAPER_ROWS.values() for row in rows]
+    assert {label for label, _, _ in rows} == set(printed_avg)
+    for label, _, scores in rows:
+        assert list(scores) == R.TASK_ORDER
+        assert abs(sum(scores.values()) / 8 - printed_avg[label]) < 0.05 + 1e-9, label
+    results = [_res("rte", 0, 0.6, method=m) for m in ("lora", "adapter_h", "ft_top2", "prefix_layer")]
+    markdown, data = R.glue_table(results)
+    labels = [r["label"] for r in data["paper_rows"]]
+    assert labels == ["paper: RoBERTa-base LoRA (Hu et al. 2021)", "paper: RoBERTa-large LoRA† (Hu et al. 2021)",
+                      "paper: RoBERTa-large Adapter^H† (r=8)", "paper: RoBERTa-large Adapter^H† (r=64)",
+                      "paper: RoBERTa-base Adapter^D* (0.3M)", "paper: RoBERTa-base Adapter^D* (0.9M)"]
+    assert "| paper: RoBERTa-large Adapter^H† (r=8) | 0.8M | 72.9 | 72.9 |" in markdown
+    assert "no GLUE row for ft_top2, prefix_layer" in markdown
+    bitfit_only = R.glue_table([_res("sst2", 0, 0.9, method="bitfit")])[1]
+    assert [r["label"] for r in bitfit_only["paper_rows"]][-1] == "paper: RoBERTa-base BitFit*"
+    assert bitfit_only["paper_rows"][-1]["scores"] == {"sst2": 93.7}

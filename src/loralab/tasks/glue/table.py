@@ -20,10 +20,31 @@ from loralab.metrics.glue import MAIN_METRIC, median_and_spread, normalize_task_
 TASK_ORDER = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"]
 TASK_TITLES = {"mnli": "MNLI", "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI",
                "qqp": "QQP", "rte": "RTE", "stsb": "STS-B"}
-PAPER_ROBERTA_BASE_LORA = {"mnli": 87.5, "sst2": 95.1, "mrpc": 89.7, "cola": 63.4, "qnli": 93.3,
-                           "qqp": 90.8, "rte": 86.6, "stsb": 91.5}
+def _scores(*values: float) -> dict[str, float]:
+    return dict(zip(TASK_ORDER, values))
+
+
+PAPER_ROBERTA_BASE_LORA = _scores(87.5, 95.1, 89.7, 63.4, 93.3, 90.8, 86.6, 91.5)
 """Hu et al. 2021, Table 2, RoBERTa-base + LoRA (0.3M trainable parameters), median of 5 seeds."""
 PAPER_LABEL = "paper: RoBERTa-base LoRA (Hu et al. 2021)"
+PAPER_ROWS: dict[str, list[tuple[str, str, dict[str, float]]]] = {
+    # our method: [(the paper's row, its trainable parameters, scores in TASK_ORDER)], Hu et al. 2021 Table 2.
+    # * rows are the paper's quotes of earlier work; † rows are RoBERTa-large in Houlsby/Pfeiffer's setup
+    # (the paper's only adapter^H/adapter^P rows: there is no RoBERTa-base one).
+    "lora": [(PAPER_LABEL, "0.3M", PAPER_ROBERTA_BASE_LORA),
+             ("paper: RoBERTa-large LoRA† (Hu et al. 2021)", "0.8M", _scores(90.6, 96.2, 90.2, 68.2, 94.8, 91.6, 85.2, 92.3))],
+    "full": [("paper: RoBERTa-base FT*", "125.0M", _scores(87.6, 94.8, 90.2, 63.6, 92.8, 91.9, 78.7, 91.2))],
+    "bitfit": [("paper: RoBERTa-base BitFit*", "0.1M", _scores(84.7, 93.7, 92.7, 62.0, 91.8, 84.0, 81.5, 90.8))],
+    "adapter_h": [("paper: RoBERTa-large Adapter^H† (r=8)", "0.8M", _scores(90.3, 96.3, 87.7, 66.3, 94.7, 91.5, 72.9, 91.5)),
+                  ("paper: RoBERTa-large Adapter^H† (r=64)", "6.0M", _scores(89.9, 96.2, 88.7, 66.5, 94.7, 92.1, 83.4, 91.0))],
+    "adapter_p": [("paper: RoBERTa-large Adapter^P† (r=16)", "0.8M", _scores(90.5, 96.6, 89.7, 67.8, 94.8, 91.7, 80.1, 91.9)),
+                  ("paper: RoBERTa-large Adapter^P† (r=64)", "3.0M", _scores(90.2, 96.1, 90.2, 68.3, 94.8, 91.9, 83.8, 92.1))],
+    "adapter_d": [  # AdapterDrop; not a loralab method: shown beside any adapter method
+                  ("paper: RoBERTa-base Adapter^D* (0.3M)", "0.3M", _scores(87.1, 94.2, 88.5, 60.8, 93.1, 90.2, 71.5, 89.7)),
+                  ("paper: RoBERTa-base Adapter^D* (0.9M)", "0.9M", _scores(87.3, 94.7, 88.4, 62.6, 93.0, 90.6, 75.9, 90.3))],
+}
+"""The paper's GLUE rows per method. adapter_l, prefix_layer, prefix_embed and ft_top2 have none: Hu et al.
+compare them on GPT-2 / GPT-3 only (Tables 3-4)."""
 RESULT_FILE = "results.json"
 
 
@@ -108,17 +129,27 @@ def glue_table(results: list[dict]) -> tuple[str, dict]:
         lines.append("| " + " | ".join(["baseline: majority class (STS-B: constant)", "0"]
                                        + [f"{base[t]:.1f}" if base[t] is not None else "—" for t in tasks]
                                        + ["—"]) + " |")
+    shown_methods = ["lora"] + [m for m in dict.fromkeys(s["method"] for s in summary) if m != "lora"]
+    if any(m.startswith("adapter_") for m in shown_methods):
+        shown_methods.append("adapter_d")  # the paper's only RoBERTa-base adapter rows
+    paper_rows = [row for m in shown_methods for row in PAPER_ROWS.get(m, [])]
+    for label, trainable, scores in paper_rows:
+        avg = sum(scores[t] for t in tasks) / len(tasks)
+        lines.append("| " + " | ".join([label, trainable] + [f"{scores[t]:.1f}" for t in tasks] + [f"{avg:.1f}"]) + " |")
     paper_avg = sum(PAPER_ROBERTA_BASE_LORA[t] for t in tasks) / len(tasks)
-    lines.append("| " + " | ".join([PAPER_LABEL, "0.3M"] + [f"{PAPER_ROBERTA_BASE_LORA[t]:.1f}" for t in tasks]
-                                   + [f"{paper_avg:.1f}"]) + " |")
+    no_row = [m for m in shown_methods if m not in PAPER_ROWS]
     note = ("Median over seeds x100 (min–max, n seeds). MNLI: matched acc; CoLA: Matthews corr; STS-B: "
             "Pearson; others: accuracy. Avg over the columns shown (a row missing a column has none). "
             "✗ at baseline (k/n): k of the n runs did not clearly beat the baseline row (learned: false); "
-            "such a cell is a failed run, not agreement with the paper.")
+            "such a cell is a failed run, not agreement with the paper. Paper rows: Hu et al. 2021 Table 2 "
+            "(* quoted from earlier work; † RoBERTa-large in Houlsby et al.'s setup)."
+            + (f" The paper has no GLUE row for {', '.join(no_row)} (compared on GPT-2/GPT-3 only)." if no_row else ""))
     markdown = "\n".join(lines) + "\n\n" + note + "\n\n" + _runs_table(results) + "\n"
     data = {"tasks": tasks, "metrics": {t: MAIN_METRIC[t] for t in tasks}, "rows": json_rows, "baseline": base,
             "paper": {"label": PAPER_LABEL, "scores": {t: PAPER_ROBERTA_BASE_LORA[t] for t in tasks},
-                      "avg": paper_avg}}
+                      "avg": paper_avg},
+            "paper_rows": [{"label": label, "trainable": trainable, "scores": {t: scores[t] for t in tasks}}
+                           for label, trainable, scores in paper_rows]}
     return markdown, data
 
 
@@ -173,25 +204,11 @@ def flatten(result: dict, run_dir: Path) -> dict[str, Any]:
 
 
 def collect_results(root: str | Path) -> list[dict[str, Any]]:
-    """Finished GLUE training runs under ``root`` as table rows: from the run registry
-    (``<root>/runs.sqlite``, completed runs of experiment "glue") when there is one, else every
-    ``results.json`` of experiment "glue" below ``root``. Evaluation-only runs (``loralab eval``: no
-    fit) are left out, so that re-evaluating an adapter never counts as another seed."""
-    from loralab.engine.runs import REGISTRY, list_runs
+    """Finished GLUE training runs under ``root`` as table rows (``common.results.collect_results``;
+    evaluation-only runs are left out, so that re-evaluating an adapter never counts as another seed)."""
+    from loralab.tasks.common.results import collect_results as collect
 
-    root = Path(root)
-    if (root / REGISTRY).is_file():
-        paths = [record.dir / RESULT_FILE for record in list_runs(root)
-                 if record.experiment == "glue" and record.status == "completed"]
-    else:
-        paths = sorted(root.rglob(RESULT_FILE))
-    found = []
-    for path in paths:
-        if path.is_file():
-            result = json.loads(path.read_text())
-            if result.get("experiment") == "glue":
-                found.append(flatten(result, path.parent))
-    return [r for r in found if r.get("fit") is not None]
+    return collect(root, "glue", flatten)
 
 
 def main(argv: list[str] | None = None) -> int:
