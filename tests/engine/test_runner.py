@@ -457,11 +457,13 @@ def test_warm_start_with_other_lora_settings_is_refused(capsys, tmp_path, tiny_g
     assert saved.lora.r == 4 and saved.lora.init_from == str(adapter)  # config.yaml says what trained
 
 
-def test_qv_pairs_mirror_the_setup_table():
-    from loralab.engine.runner import QV_PAIRS
-    from loralab.tasks.common.setup import QV_NAMES
+def test_qv_pairs_are_the_core_tables_pairs():
+    from loralab.core.blocks import QV_NAMES, QV_PAIRS
+    from loralab.tasks.common import setup
 
-    assert {frozenset(v) for v in QV_NAMES.values()} == {frozenset(p) for p in QV_PAIRS}
+    assert setup.QV_NAMES is QV_NAMES  # one table, read by the experiments and the engine
+    assert set(QV_PAIRS) == {frozenset({"query", "value"}), frozenset({"q", "v"}), frozenset({"q_lin", "v_lin"}),
+                             frozenset({"query_proj", "value_proj"}), frozenset({"q_proj", "v_proj"})}
 
 
 # ---------------------------------------------------------------- disk full

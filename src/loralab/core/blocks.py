@@ -20,6 +20,19 @@ from __future__ import annotations
 
 from torch import nn
 
+QV_NAMES: dict[str, list[str]] = {
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "camembert": ["query", "value"], "electra": ["query", "value"], "albert": ["query", "value"],
+    "mpnet": ["q", "v"], "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+}
+"""The paper's W_q and W_v in each architecture's own module names, by ``config.model_type`` (GPT-2 has a
+fused ``c_attn`` instead: its q and v slices). The one table: the experiments' default LoRA targets and the
+engine's check that an adapter's targets are "W_q, W_v" both read it."""
+QV_PAIRS = tuple(dict.fromkeys(frozenset(names) for names in QV_NAMES.values()))
+"""The distinct {W_q, W_v} name pairs of ``QV_NAMES``."""
+
 ROLES: dict[str, tuple[str, ...]] = {
     "attn_out": ("attention.output.dense", "attention.attn.o", "attn.c_proj", "self_attn.o_proj"),
     "ffn_out": ("output.dense", "mlp.c_proj", "mlp.down_proj"),

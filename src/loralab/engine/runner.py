@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from loralab.core.blocks import QV_PAIRS
 from loralab.engine.config import RunConfig, config_to_dict, save_config
 from loralab.engine.experiment import Baseline, Built, Result, get_experiment
 from loralab.engine.runs import create_run, headline, open_run
@@ -42,8 +43,7 @@ class RunFailed(Exception):
 
 
 # The config's default lora.target_modules ["query", "value"] means W_q and W_v in the architecture's own
-# names (tasks/common/setup.QV_NAMES, which tests/engine/test_runner.py keeps equal to this).
-QV_PAIRS = ({"query", "value"}, {"q", "v"}, {"q_lin", "v_lin"}, {"query_proj", "value_proj"}, {"q_proj", "v_proj"})
+# names (core.blocks.QV_NAMES / QV_PAIRS).
 DEFAULT_TARGETS = ["query", "value"]
 LORA_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern")
 """What an adapter fixes about the LoRA it carries: a warm start must be configured the same."""
@@ -63,7 +63,7 @@ def lora_differences(lora: Any, saved: Any) -> dict[str, tuple[Any, Any]]:
         mine, theirs = getattr(lora, key), getattr(saved, key)
         if key == "target_modules":
             theirs = _targets(theirs, saved.fused_qkv)
-            if mine == DEFAULT_TARGETS and not lora.fused_qkv and (set(theirs) in QV_PAIRS or saved.fused_qkv):
+            if mine == DEFAULT_TARGETS and not lora.fused_qkv and (frozenset(theirs) in QV_PAIRS or saved.fused_qkv):
                 continue  # W_q, W_v in this architecture's names
             mine = _targets(mine, lora.fused_qkv)
         elif key in ("r", "lora_alpha"):

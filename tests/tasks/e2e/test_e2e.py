@@ -259,7 +259,13 @@ def test_presets():
     cpu = load_config(preset="e2e-cpu")
     assert cpu.model.name == "smollm2-135m" and cpu.data.train_samples > 0 and cpu.experiment == "e2e"
     assert isinstance(cpu.data, e2e.E2EData) and EXP.sections == ("generate",) and get_experiment("e2e") is EXP
-    assert set(EXP.presets) == {"e2e-paper", "e2e-paper-smollm2", "e2e-cpu"}
+    methods = ("adapter_h", "adapter_l", "prefix_layer", "ft_top2", "full")
+    assert set(EXP.presets) == {"e2e-paper", "e2e-paper-smollm2", "e2e-cpu"} | {f"e2e-cpu-{m}" for m in methods}
+    for m in methods:  # the e2e-cpu budget with the method's own settings
+        c = load_config(preset=f"e2e-cpu-{m}")
+        assert c.lora.method == m and (c.data.train_samples, c.data.eval_samples) == (200, 20)
+        assert c.train.epochs == cpu.train.epochs and c.generate.num_beams == cpu.generate.num_beams
+    assert load_config(preset="e2e-cpu-full").train.lr < load_config(preset="e2e-cpu-adapter_h").train.lr
 
 
 def _cpu_cfg(data, *overrides):

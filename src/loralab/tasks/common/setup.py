@@ -33,19 +33,13 @@ from torch import nn
 
 from loralab.core import methods as core_methods
 from loralab.core.adapter_io import PREFIX, load_adapter
+from loralab.core.blocks import QV_NAMES
 from loralab.core.inject import count_parameters, inject_adapter
 
 CORE_METHODS = ("bitfit", "adapter_h", "adapter_l", "adapter_p", "prefix_layer", "prefix_embed", "ft_top2")
 """Methods applied, counted, saved and loaded by ``core.methods``."""
 METHODS = ("lora", "full", "linear_probe", *CORE_METHODS)
 DEFAULT_TARGETS = ["query", "value"]
-QV_NAMES: dict[str, list[str]] = {
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "camembert": ["query", "value"], "electra": ["query", "value"], "albert": ["query", "value"],
-    "mpnet": ["q", "v"], "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-}
 GPT2_FUSED_QV = {"c_attn": [True, False, True]}
 
 

@@ -29,13 +29,27 @@ PAPER = {
 }
 
 
+CPU_METHODS: dict[str, tuple[float, dict]] = {
+    # the paper's E2E competitors at the e2e-cpu budget: (lr, the method's own settings)
+    "adapter_h": (1e-3, {"lora.r": 8}), "adapter_l": (1e-3, {"lora.r": 8}),
+    "prefix_layer": (1e-2, {"lora.prefix_length": 10}), "ft_top2": (1e-4, {"lora.top_layers": 2}),
+    "full": (5e-5, {}),
+}
+"""e2e-cpu-<method>: Adapter^H / Adapter^L (bottleneck r = 8), PreLayer (l_p = 10), FT^Top2 and full FT,
+with the learning rate each needs in a 25-step run (full-model updates far lower than added modules)."""
+
+
 def all_presets() -> dict[str, dict]:
     cpu = {**PAPER, "_doc": "SmolLM2-135M LoRA q,v on 200 devset rows, 20 test MRs: a CPU smoke run", "name": "e2e-cpu", "model.name": "smollm2-135m", "lora.target_modules": ["q_proj", "v_proj"],
            "data.max_length": 128, "data.train_samples": 200, "data.eval_samples": 20,
            "generate.num_beams": 5, "generate.max_new_tokens": 48,
            "train.epochs": 1.0, "train.lr": 1e-3, "train.warmup_steps": 5, "train.length_grouped": True,
            "train.log_every": 5}
+    methods = {f"e2e-cpu-{m}": {**cpu, "_doc": f"{m} on SmolLM2-135M, the e2e-cpu budget", "name": f"e2e-cpu-{m}",
+                                "lora.method": m, "train.lr": lr, **extra}
+               for m, (lr, extra) in CPU_METHODS.items()}
     return {
+        **methods,
         "e2e-paper": {**PAPER, "_doc": "the paper's GPT-2 Medium recipe (GPU scale, needs gpt2-medium)",
                       "name": "e2e-paper", "model.name": "gpt2-medium",
                       "lora.fused_qkv": {"c_attn": [True, False, True]}},
