@@ -24,7 +24,7 @@ class ModelConfig(Section):
 
     KEY: ClassVar[str] = "model"
     name: str = "minilm-l6"
-    """Zoo name ("minilm-l6", "smollm2-135m"), a local Hugging Face model dir, or a hub id already cached."""
+    """Zoo name ("minilm-l6", "mpnet-base", "smollm2-135m"), a local Hugging Face model dir, or a hub id already cached."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the (non-quantized) base weights."""
     quantize: Literal["none", "nf4", "fp4", "int4"] = "none"
