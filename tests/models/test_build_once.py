@@ -3,6 +3,7 @@
 The reference is the bytes written into the zip: the extracted files must equal them exactly, the
 folder prefix stripped; bad archives and missing chunks must fail loudly and leave nothing behind.
 """
+import dataclasses
 import io
 import json
 import zipfile
@@ -10,7 +11,7 @@ import zipfile
 import pytest
 
 from loralab.models import zoo
-from loralab.models.build_once import MARKER_FILE, build_once, extract_split_zip, is_built
+from loralab.models.build_once import MARKER_FILE, build_once, extract_split_zip, is_built, join_chunks
 
 FILES = {"m/config.json": b'{"model_type": "bert"}', "m/model.safetensors": bytes(range(256)) * 300,
          "m/sub/vocab.txt": b"[PAD]\nhello\n", "m/desktop.ini": b"junk", "other/x.txt": b"not mine"}
@@ -140,3 +141,72 @@ def test_mpnet_base_loads_every_weight_with_the_shipped_count():
     assert model.loralab_load_info["new_head"] == [
         "classifier.dense.bias", "classifier.dense.weight", "classifier.out_proj.bias", "classifier.out_proj.weight"]
     assert (model.mpnet.embeddings.word_embeddings.weight == word).all()
+
+
+def test_join_chunks_checks_the_digest(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * 1000
+    parts = _chunks(tmp_path, data, n=4)
+    good = join_chunks(parts, tmp_path / "joined", hashlib.sha256(data).hexdigest())
+    assert good.read_bytes() == data
+    with pytest.raises(ValueError, match="chunk package is damaged"):
+        join_chunks(parts[:3], tmp_path / "short", hashlib.sha256(data).hexdigest())
+    assert not (tmp_path / "short").exists()
+
+
+def test_a_split_gguf_zoo_entry_is_joined_checked_and_converted_once(tmp_path, monkeypatch):
+    import hashlib
+
+    data = b"GGUF" + bytes(range(200)) * 50
+    site = tmp_path / "site"
+    parts = []
+    for i, chunk in enumerate(_chunks(tmp_path, data, n=3)):
+        (site / f"fake_gguf_part{i}" / "data").mkdir(parents=True)
+        (site / f"fake_gguf_part{i}" / "data" / f"m.gguf.part{i:02d}").write_bytes(chunk.read_bytes())
+        parts.append((f"fake_gguf_part{i}", f"data/m.gguf.part{i:02d}"))
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def fake_convert(gguf_path, target):  # stands in for transformers' GGUF reader
+        seen.append(gguf_path.read_bytes())
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"w")
+
+    monkeypatch.setattr(zoo, "write_hf_dir_with_transformers", fake_convert)
+    entry = zoo.ZooEntry("fake-gguf", "llama", 1, parts[0][0], "pip install fake", "m.gguf", "test",
+                         form="split_gguf", parts=tuple(parts), sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(zoo.ZOO, "fake-gguf", entry)
+    path = zoo.resolve("fake-gguf")
+    assert seen == [data] and sorted(p.name for p in path.iterdir()) == sorted(
+        [MARKER_FILE, "config.json", "model.safetensors"])
+    assert zoo.resolve("fake-gguf") == path and len(seen) == 1  # built once; the joined GGUF is not kept
+    monkeypatch.setitem(zoo.ZOO, "fake-gguf", dataclasses.replace(entry, name="fake-gguf", sha256="0" * 64))
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(ValueError, match="sha256"):
+        zoo.resolve("fake-gguf")
+    assert not (tmp_path / "cache2" / "models" / "fake-gguf").exists()
+
+
+GEMMA = {m.name: m for m in zoo.list_models()}["gemma3-270m"]
+
+
+@pytest.mark.skipif(not GEMMA.installed, reason="gemma3-270m's packages are not installed (see loralab models)")
+def test_gemma3_converts_to_the_logits_of_transformers_own_gguf_reading(tmp_path):
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = zoo.resolve("gemma3-270m")
+    model = zoo.load_model("gemma3-270m", "causal_lm").eval()
+    assert model.config.model_type == "gemma3_text" == GEMMA.arch
+    assert sum(p.numel() for p in model.parameters()) == GEMMA.params
+    entry = zoo.ZOO["gemma3-270m"]
+    joined = join_chunks(zoo._part_sources(entry), tmp_path / entry.relpath, entry.sha256)
+    assert GEMMA.params == sum(int(t.n_elements) for t in gguf.GGUFReader(str(joined)).tensors)
+    direct = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=entry.relpath, dtype=torch.float32).eval()
+    ids = zoo.load_tokenizer("gemma3-270m")("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, direct(ids).logits, rtol=0, atol=0)
+    assert (path / "tokenizer_config.json").is_file()

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from loralab.models import zoo
 from loralab.models.tiny import tiny_model
 
-ZOO_NAMES = ("minilm-l6", "mpnet-base", "smollm2-135m")
+ZOO_NAMES = ("minilm-l6", "mpnet-base", "smollm2-135m", "gemma3-270m")
 
 
 @pytest.fixture

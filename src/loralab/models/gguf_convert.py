@@ -177,3 +177,28 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
     return build_once(out_dir, _marker(gguf_path), lambda tmp: _write_hf_dir(gguf_path, tmp),
                       f"converting {gguf_path.name} to a safetensors model (about 30 s)", progress,
                       record={"gguf_path": str(gguf_path)})
+
+
+def write_hf_dir_with_transformers(gguf_path: Path, target: Path) -> None:
+    """Any architecture transformers' GGUF reader knows (Gemma 3, Qwen, ...): it dequantizes the tensors
+    (Q4_K, Q6_K, ...) to float32 and maps the names; saved as ``model.safetensors`` + tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model (it is flagged quantized, though every
+    # tensor is float32 now): write the config and the tensors ourselves, a tied head once
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    config = model.config
+    for key in ("quantization_config",):
+        if hasattr(config, key):
+            delattr(config, key)
+    config.save_pretrained(target)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(target)
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(target)

