@@ -287,28 +287,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(args: argparse.Namespace, what: str, collect: Any, write: Any) -> int:
+    if not Path(args.runs_dir).is_dir():
+        raise UsageError(f"{args.runs_dir}: no such directory")
+    results = collect(args.runs_dir)
+    if not results:
+        raise UsageError(f"no finished {what} runs under {args.runs_dir}")
+    write(results, args.out or args.runs_dir)
+    return 0
+
+
 def cmd_glue_table(args: argparse.Namespace) -> int:
     from loralab.tasks.glue import table
 
-    if not Path(args.runs_dir).is_dir():
-        raise UsageError(f"{args.runs_dir}: no such directory")
-    results = table.collect_results(args.runs_dir)
-    if not results:
-        raise UsageError(f"no finished GLUE runs under {args.runs_dir}")
-    table.write_glue_table(results, args.out or args.runs_dir)
-    return 0
+    return _table(args, "GLUE", table.collect_results, table.write_glue_table)
 
 
 def cmd_e2e_table(args: argparse.Namespace) -> int:
     from loralab.tasks.e2e import table
 
-    if not Path(args.runs_dir).is_dir():
-        raise UsageError(f"{args.runs_dir}: no such directory")
-    results = table.collect(args.runs_dir)
-    if not results:
-        raise UsageError(f"no finished E2E runs under {args.runs_dir}")
-    table.write_e2e_table(results, args.out or args.runs_dir)
-    return 0
+    return _table(args, "E2E", table.collect, table.write_e2e_table)
 
 
 def cmd_score_e2e(args: argparse.Namespace) -> int:

@@ -128,8 +128,9 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     return directory
 
 
-def read_config(directory: str | Path) -> LoraConfig:
-    """Parse an adapter_config.json (ours or PEFT's) into a LoraConfig, refusing what we cannot honour."""
+def read_config_json(directory: str | Path) -> dict:
+    """The adapter_config.json of a saved adapter or method directory as a dict; a missing, damaged or
+    non-object file is a clear error."""
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this an adapter directory?")
@@ -141,6 +142,13 @@ def read_config(directory: str | Path) -> LoraConfig:
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{path} holds a JSON {type(raw).__name__}, not an object of adapter settings; "
                                "restore it or save the adapter again")
+    return raw
+
+
+def read_config(directory: str | Path) -> LoraConfig:
+    """Parse an adapter_config.json (ours or PEFT's) into a LoraConfig, refusing what we cannot honour."""
+    path = Path(directory) / CONFIG_NAME
+    raw = read_config_json(directory)
     ours = {f.name for f in fields(LoraConfig)}
     kwargs = {}
     for key, value in raw.items():

@@ -269,16 +269,11 @@ def load_method(model: nn.Module, directory: str | Path, trainable: bool = True)
 
 def saved_method(directory: str | Path) -> str:
     """The method a saved directory holds: its config's "method" ("lora" for a PEFT/loralab LoRA adapter)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a saved adapter/method directory?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): the file is damaged; save the method again") from None
-    method = config.get("method", "lora") if isinstance(config, dict) else None
+    from loralab.core.adapter_io import read_config_json
+
+    method = read_config_json(directory).get("method", "lora")
     if method not in METHODS:
-        raise ValueError(f"{path}: method {method!r} is not one of {METHODS}")
+        raise ValueError(f"{Path(directory) / CONFIG_NAME}: method {method!r} is not one of {METHODS}")
     return method
 
 
