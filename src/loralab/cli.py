@@ -230,14 +230,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from loralab.engine.sweep import run_sweep
+    from loralab.engine.sweep import resolve_named, run_sweep
 
     config, items = _split_items(args.items)
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds = [int(s) for s in (args.seeds or "").split(",") if s.strip()] or None
     except ValueError:
         raise UsageError(f"--seeds {args.seeds!r}: expected comma-separated integers (e.g. 0,1,2)") from None
-    summary = run_sweep(args.out, args.preset, items, seeds, args.jobs, config)
+    preset, reference = args.preset, None
+    if args.sweep:
+        if args.preset or config:
+            raise UsageError("--sweep NAME brings its own preset: give --sweep or --preset/CONFIG.yaml, not both")
+        preset, items, seeds, reference = resolve_named(args.sweep, items, seeds)
+    seeds = seeds or [0]
+    summary = run_sweep(args.out, preset, items, seeds, args.jobs, config, reference=reference)
     print(Path(args.out, "sweep.md").read_text(), end="")
     print(f"sweep: {len(summary['points'])} points x {len(seeds)} seeds in {args.out}")
     return 0

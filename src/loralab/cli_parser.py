@@ -31,10 +31,13 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="a grid of runs over keys and seeds, resumable, with its table",
                        formatter_class=raw,
                        description="loralab sweep [CONFIG.yaml] --preset P [key=value ...] [key=v1,v2,...] "
-                                   "[--seeds 0,1,2] [--jobs N] --out DIR")
+                                   "[--seeds 0,1,2] [--jobs N] --out DIR\n"
+                                   "loralab sweep --sweep NAME [key=value ...] [--jobs N] --out DIR")
     p.add_argument("items", nargs="*", metavar="key=value | key=v1,v2")
     p.add_argument("--preset")
-    p.add_argument("--seeds", default="0", help="comma-separated train.seed values (default: 0)")
+    p.add_argument("--sweep", metavar="NAME", help="a named sweep (e2e-rank, glue-rank-sst2, ...): its preset, grid, "
+                   "seeds and the paper's numbers to print beside the points")
+    p.add_argument("--seeds", help="comma-separated train.seed values (default: 0, or the named sweep's)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once; the CPU threads are split between them")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=commands.cmd_sweep)

@@ -133,3 +133,56 @@ def test_a_killed_sweep_finishes_the_remaining_runs_when_rerun(tmp_path):
 
     rows = list_runs(out / "runs")
     assert sorted(r.status for r in rows) == ["completed"] * 3  # one registry row per run, none left behind
+
+
+def test_reference_table_deviation_is_the_formula():
+    from loralab.engine.sweep import reference_markdown
+
+    summary = {"points": [{"overrides": {"lora.r": "4"}, "metrics": {"BLEU": 0.5, "NIST": 7.0}},
+                          {"overrides": {"lora.r": "16"}, "metrics": {"BLEU": 0.6}}],
+               "reference": {"label": "Table X", "key": "lora.r", "metrics": {"BLEU": 100.0, "NIST": 1.0},
+                             "rows": {"4": {"BLEU": 70.38, "NIST": 8.8439}}, "note": "why"}}
+    lines = reference_markdown(summary)
+    assert "## Beside Table X" in lines and lines[-1] == "why"
+    dev_bleu, dev_nist = 100 * (50 - 70.38) / 70.38, 100 * (7 - 8.8439) / 8.8439
+    assert f"| 4 | 50 | 70.38 | {dev_bleu:+.1f} | 7 | 8.844 | {dev_nist:+.1f} |" in lines
+    assert "| 16 | 60 | — | — | — | — | — |" in lines  # no paper row, no metric: shown as such
+    assert reference_markdown({"points": [], "reference": None}) == []
+
+
+def test_named_sweeps_and_their_paper_numbers():
+    from loralab.engine.config import ConfigError
+    from loralab.engine.sweep import named_sweeps, resolve_named
+    from loralab.tasks.e2e.presets import PAPER_RANK_TABLE
+
+    sweeps = named_sweeps()
+    assert {"e2e-rank", "glue-rank-sst2", "glue-rank-rte"} <= set(sweeps)
+    e2e = sweeps["e2e-rank"]
+    assert e2e["grid"]["lora.r"] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    assert set(e2e["reference"]["rows"]) == {str(r) for r in e2e["grid"]["lora.r"]}
+    # the paper's caption: "performance peaks at r = 16 for validation loss and r = 4 for BLEU"
+    assert max(PAPER_RANK_TABLE, key=lambda r: PAPER_RANK_TABLE[r]["BLEU"]) == "4"
+    assert min(PAPER_RANK_TABLE, key=lambda r: (PAPER_RANK_TABLE[r]["eval_loss"], int(r))) == "16"
+    preset, items, seeds, ref = resolve_named("glue-rank-sst2", ["lora.r=2,8", "train.lr=1e-3"], None)
+    assert preset == "glue-cpu-sst2" and seeds == [0, 1, 2] and ref["key"] == "lora.r"
+    assert items == ["lora.r=2,8", "train.lr=1e-3"]  # the user's grid replaces the sweep's
+    assert resolve_named("e2e-rank", [], [5])[1:3] == (["lora.r=1,2,4,8,16,32,64,128,256,512,1024",
+                                                         "model.compute_dtype=auto"], [5])
+    with pytest.raises(ConfigError, match="did you mean 'e2e-rank'"):
+        resolve_named("e2e-rnak", [], None)
+
+
+@pytest.mark.slow
+def test_a_named_sweep_runs_and_prints_the_paper_beside_it(tmp_path):
+    env = _env(tmp_path)
+    out = tmp_path / "named"
+    done = _loralab(env, "sweep", "--sweep", "toy-lr", "--out", str(out))
+    assert done.returncode == 0, done.stderr + done.stdout
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["preset"] == "toy-fit" and summary["seeds"] == [0] and summary["fixed"] == {"data.noise": "0.2"}
+    fast = summary["points"][0]
+    ours = json.loads((out / fast["runs"][0] / "results.json").read_text())["metrics"]["mse"]
+    assert fast["metrics"] == {"mse": ours}
+    assert f"| 0.2 | {10 * ours:.4g} | 0.5 | {100 * (10 * ours - 0.5) / 0.5:+.1f} |" in done.stdout
+    both = _loralab(env, "sweep", "--sweep", "toy-lr", "--preset", "toy-fit", "--out", str(out))
+    assert both.returncode == 2 and "not both" in both.stderr

@@ -58,6 +58,11 @@ class ToyExperiment:
     name: ClassVar[str] = "toy"
     data_config: ClassVar[type] = ToyData
     sections: ClassVar[tuple[str, ...]] = ()
+    sweeps: ClassVar[dict[str, dict]] = {  # a named sweep with "paper" numbers to sit beside
+        "toy-lr": {"preset": "toy-fit", "grid": {"train.lr": [0.2, 0.0001]}, "fixed": {"data.noise": 0.2},
+                   "seeds": [0], "reference": {"label": "a made-up paper", "key": "train.lr",
+                                               "metrics": {"mse": 10.0}, "rows": {"0.2": {"mse": 0.5}}}},
+    }
     presets: ClassVar[dict[str, dict]] = {
         "toy-fit": {"_doc": "linear regression in a second", "data.n": 256, "train.lr": 0.2,
                     "train.batch_size": 16, "train.max_steps": 64, "train.schedule": "constant", "lora.method": "full",

@@ -7,6 +7,8 @@ An experiment is one object with
     sections        the other optional sections it reads (e.g. ("generate",)); a key set in a section
                     it does not read is an error at load time
     presets         {name: overrides}: ``loralab train --preset NAME``
+    sweeps          (optional) {name: {"preset", "grid", "fixed", "seeds", "reference"}}: named sweeps,
+                    ``loralab sweep --sweep NAME`` (``engine.sweep``), with the paper's numbers beside them
     build(cfg)              -> Built      model, the training task, and what report() needs
     baseline(built)         -> Baseline   the un-adapted model's (or the majority class's) score,
                                           measured before training on the same evaluation set

@@ -1,6 +1,7 @@
 """``loralab sweep``: a grid of ordinary runs, resumable, with its table.
 
     loralab sweep --preset P [key=value ...] [key=v1,v2,...] [--seeds 0,1,2] [--jobs N] --out DIR
+    loralab sweep --sweep NAME [key=value ...] --out DIR      (a named sweep of an experiment's ``sweeps``)
 
 The grid is the cartesian product of the comma-separated keys (a list-typed key takes bracketed
 values: ``lora.target_modules=[q,v],[q,k,v]``), times the seeds (``train.seed``). Each point-seed is
@@ -11,7 +12,14 @@ After every finished run ``DIR/sweep.json`` and ``DIR/sweep.md`` are rewritten (
 
     {"preset", "fixed", "grid", "seeds", "main_metric", "greater_is_better",
      "points": [{"overrides", "runs", "status", "scores", "baselines", "learned",
-                 "score" (median), "spread" [min, max], "baseline" (median)}]}
+                 "score" (median), "spread" [min, max], "baseline" (median), "metrics" (medians)}],
+     "reference" (a named sweep's paper numbers, or null)}
+
+A named sweep (an experiment's ``sweeps``: {name: {"preset", "grid", "fixed", "seeds", "reference"}}) is
+the same grid with a reference: ``{"label", "key", "metrics": {name: scale}, "rows": {value: {name: paper
+number}}}``; sweep.md then adds a table of each point's medians (times ``scale``, into the paper's units)
+beside the paper's numbers and the deviation 100 (ours - paper) / paper, the "percentual deviation" the
+seed study reported.
 """
 
 from __future__ import annotations
@@ -104,7 +112,14 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     res = json.loads(path.read_text())
     return {"status": "completed", "score": res.get("score"), "baseline": (res.get("baseline") or {}).get("score"),
             "learned": res.get("learned"), "main_metric": res.get("main_metric"),
-            "greater_is_better": res.get("greater_is_better", True)}
+            "greater_is_better": res.get("greater_is_better", True), "metrics": res.get("metrics") or {}}
+
+
+def _medians(read: list[dict[str, Any]]) -> dict[str, float]:
+    names = dict.fromkeys(k for r in read for k in r.get("metrics", {}))
+    values = {k: [r["metrics"][k] for r in read if isinstance(r.get("metrics", {}).get(k), (int, float))]
+              for k in names}
+    return {k: statistics.median(v) for k, v in values.items() if v}
 
 
 def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
@@ -123,8 +138,34 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
                      "baselines": [r.get("baseline") for r in read], "learned": [r.get("learned") for r in read],
                      "score": statistics.median(done) if done else None,
                      "spread": [min(done), max(done)] if done else None,
-                     "baseline": statistics.median(bases) if bases else None})
-    return {**{k: spec[k] for k in SPEC_KEYS}, "main_metric": metric, "greater_is_better": greater, "points": rows}
+                     "baseline": statistics.median(bases) if bases else None, "metrics": _medians(read)})
+    return {**{k: spec[k] for k in SPEC_KEYS}, "main_metric": metric, "greater_is_better": greater, "points": rows,
+            "reference": spec.get("reference")}
+
+
+def reference_markdown(summary: dict[str, Any]) -> list[str]:
+    """The points beside a named sweep's paper numbers, with the deviation in percent."""
+    ref = summary.get("reference")
+    if not ref:
+        return []
+    key, metrics = ref["key"], ref["metrics"]
+    head = [key] + [f"{m} {who}" for m in metrics for who in ("ours", "paper", "Δ%")]
+    lines = ["", f"## Beside {ref['label']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in summary["points"]:
+        value = p["overrides"].get(key)
+        paper = ref["rows"].get(str(value), {})
+        cells = [str(value)]
+        for m, scale in metrics.items():
+            ours = p.get("metrics", {}).get(m)
+            ours = None if ours is None else ours * scale
+            theirs = paper.get(m)
+            dev = 100 * (ours - theirs) / theirs if ours is not None and theirs else None
+            cells += [f"{ours:.4g}" if ours is not None else "—", f"{theirs:.4g}" if theirs is not None else "—",
+                      f"{dev:+.1f}" if dev is not None else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if ref.get("note"):
+        lines += ["", ref["note"]]
+    return lines
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
@@ -143,7 +184,34 @@ def to_markdown(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "learned k/n: k of the n finished seeds beat the baseline (the un-adapted model or the majority "
               "class) clearly; a row at the baseline is a failed run, never agreement with a paper."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + reference_markdown(summary)) + "\n"
+
+
+def named_sweeps() -> dict[str, dict[str, Any]]:
+    """Every experiment's named sweeps (``Experiment.sweeps``, optional), by name."""
+    from loralab.engine.experiment import experiments
+
+    found: dict[str, dict[str, Any]] = {}
+    for exp in experiments().values():
+        found.update(getattr(exp, "sweeps", None) or {})
+    return found
+
+
+def resolve_named(name: str, items: list[str], seeds: list[int] | None) -> tuple[str, list[str], list[int], dict]:
+    """(preset, items, seeds, reference) of the named sweep ``name``; the user's key=value items come after
+    the sweep's own (a fixed key overrides the sweep's; a grid key given again replaces its values)."""
+    import difflib
+
+    sweeps = named_sweeps()
+    if name not in sweeps:
+        close = difflib.get_close_matches(name, list(sweeps), n=1)
+        raise ConfigError(f"unknown sweep {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                          + f" (named sweeps: {', '.join(sorted(sweeps)) or 'none'})")
+    spec = sweeps[name]
+    mine = {item.partition("=")[0] for item in items}
+    own = [f"{k}={','.join(map(str, v))}" for k, v in spec.get("grid", {}).items() if k not in mine]
+    own += [f"{k}={v}" for k, v in spec.get("fixed", {}).items() if k not in mine]
+    return spec["preset"], own + items, seeds or list(spec.get("seeds", [0])), spec.get("reference") or {}
 
 
 def _write(out: Path, summary: dict[str, Any]) -> None:
@@ -154,7 +222,7 @@ def _write(out: Path, summary: dict[str, Any]) -> None:
 
 
 def run_sweep(out: str | Path, preset: str | None, items: list[str], seeds: list[int], jobs: int = 1,
-              config: str | None = None, echo: Any = print) -> dict[str, Any]:
+              config: str | None = None, echo: Any = print, reference: dict | None = None) -> dict[str, Any]:
     """Run (or finish) the sweep in ``out``; returns the summary written to sweep.json."""
     out = Path(out).resolve()
     lock = threading.Lock()
@@ -170,11 +238,12 @@ def run_sweep(out: str | Path, preset: str | None, items: list[str], seeds: list
         raise ConfigError("--seeds is empty; give e.g. --seeds 0,1,2")
     plain = [i for i in items if "," not in i.partition("=")[2]]
     fixed, grid = parse_items(items, _list_keys(preset, config, plain))
-    spec = {"preset": preset, "config": config, "fixed": fixed, "grid": grid, "seeds": list(seeds)}
+    spec = {"preset": preset, "config": config, "fixed": fixed, "grid": grid, "seeds": list(seeds),
+            "reference": reference or None}
     previous = out / "sweep.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
-        if {k: old.get(k) for k in SPEC_KEYS} != spec:
+        if {k: old.get(k) for k in SPEC_KEYS} != {k: spec[k] for k in SPEC_KEYS}:
             raise ConfigError(f"{out} holds another sweep ({ {k: old.get(k) for k in SPEC_KEYS} }); "
                               "rerun that command to finish it, or choose a new --out")
     from loralab.engine.config import load_config

@@ -114,6 +114,12 @@ class E2EExperiment:
 
         return all_presets()
 
+    @property
+    def sweeps(self) -> dict[str, dict]:
+        from loralab.tasks.e2e.presets import all_sweeps
+
+        return all_sweeps()
+
     def build(self, cfg: Any) -> Built:
         from loralab.models.zoo import load_from_config
 
@@ -159,6 +165,9 @@ class E2EExperiment:
             details.update(hyp_file=str(run_dir / "hyp.txt"), ref_file=str(run_dir / "refs.txt"),
                            adapter_dir=save_trained(built.model, run_dir))
         scores = _scores(outputs, refs, run_dir)
+        final_loss = (getattr(fit, "final_metrics", None) or {}).get("eval_loss")
+        if final_loss is not None:  # the completion loss on the evaluated MRs' references (the rank sweep's val loss)
+            scores["eval_loss"] = float(final_loss)
         base = built.baseline.metrics if built.baseline else {}
         details["table"] = results_table(scores, f"this run: {cfg.model.name} {cfg.lora.method}", base)
         print(details["table"], flush=True)

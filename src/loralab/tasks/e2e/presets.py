@@ -57,3 +57,31 @@ def all_presets() -> dict[str, dict]:
                               "lora.target_modules": ["q_proj", "v_proj"]},
         "e2e-cpu": cpu,
     }
+
+
+PAPER_RANK_TABLE: dict[str, dict[str, float]] = {  # r: (val_loss, BLEU, NIST, METEOR, ROUGE_L, CIDEr)
+    str(r): dict(zip(("eval_loss", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"), row)) for r, row in {
+        1: (1.23, 68.72, 8.7215, 0.4565, 0.7052, 2.4329), 2: (1.21, 69.17, 8.7413, 0.4590, 0.7052, 2.4639),
+        4: (1.18, 70.38, 8.8439, 0.4689, 0.7186, 2.5349), 8: (1.17, 69.57, 8.7457, 0.4636, 0.7196, 2.5196),
+        16: (1.16, 69.61, 8.7483, 0.4629, 0.7177, 2.4985), 32: (1.16, 69.33, 8.7736, 0.4642, 0.7105, 2.5255),
+        64: (1.16, 69.24, 8.7174, 0.4651, 0.7180, 2.5070), 128: (1.16, 68.73, 8.6718, 0.4628, 0.7127, 2.5030),
+        256: (1.16, 68.92, 8.6982, 0.4629, 0.7128, 2.5012), 512: (1.16, 68.78, 8.6857, 0.4637, 0.7128, 2.5025),
+        1024: (1.17, 69.37, 8.7495, 0.4659, 0.7149, 2.5090)}.items()}
+"""Hu et al. 2021, Table 18 (arXiv v2; Table 14 in v1): GPT-2 Medium + LoRA on E2E by rank r. BLEU in percent,
+METEOR and ROUGE-L as fractions, as the paper prints them."""
+PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def all_sweeps() -> dict[str, dict]:
+    """Named sweeps: ``loralab sweep --sweep NAME --out DIR``."""
+    return {"e2e-rank": {
+        "_doc": "the paper's rank sweep r = 1..1024 on SmolLM2-135M at the e2e-cpu budget, one seed",
+        "preset": "e2e-cpu", "grid": {"lora.r": list(PAPER_RANKS)}, "fixed": {"model.compute_dtype": "auto"},
+        "seeds": [0],
+        "reference": {"label": "Hu et al. 2021 Table 18 (GPT-2 Medium, the full E2E training set)", "key": "lora.r",
+                      "metrics": {"eval_loss": 1.0, "BLEU": 100.0, "NIST": 1.0, "METEOR": 1.0, "ROUGE_L": 1.0,
+                                  "CIDEr": 1.0}, "rows": PAPER_RANK_TABLE,
+                      "note": "eval_loss here is the completion loss on the evaluated test MRs' references (the "
+                              "paper: the validation set's); another model, data size and budget, so the shape "
+                              "over r is what compares, not the level. The seed study's own numbers are not "
+                              "available offline here."}}}

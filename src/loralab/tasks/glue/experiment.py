@@ -221,6 +221,12 @@ class GlueExperiment:
 
         return all_presets()
 
+    @property
+    def sweeps(self) -> dict[str, dict]:
+        from loralab.tasks.glue.presets import all_sweeps
+
+        return all_sweeps()
+
     def build(self, cfg: Any) -> Built:
         """Model (method applied; warm-started from ``lora.init_from`` if set), TaskSpec, tokenized dev sets."""
         from loralab.models.zoo import load_from_config

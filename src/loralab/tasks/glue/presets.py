@@ -82,3 +82,21 @@ def all_presets() -> dict[str, dict]:
             for preset in (cpu_preset(task, method), mpnet_preset(task, method)):
                 presets[preset["name"]] = preset
     return presets
+
+
+PAPER_MNLI_RANK = {"1": 91.3, "2": 91.4, "4": 91.3, "8": 91.6, "64": 91.4}
+"""Hu et al. 2021, Table 6 (arXiv v2): GPT-3 175B + LoRA on W_q, W_v, MultiNLI-matched validation accuracy by
+rank r (±0.1%). The paper's only GLUE-task rank sweep."""
+GLUE_RANKS = (1, 2, 4, 8, 16, 64)
+
+
+def all_sweeps() -> dict[str, dict]:
+    """Named sweeps: ``loralab sweep --sweep glue-rank-<task> --out DIR`` (MiniLM-L6 CPU presets, 3 seeds)."""
+    return {f"glue-rank-{task}": {
+        "_doc": f"LoRA rank sweep r = 1..64 on {task.upper()} (MiniLM-L6, the glue-cpu preset), 3 seeds",
+        "preset": f"glue-cpu-{task}", "grid": {"lora.r": list(GLUE_RANKS)}, "seeds": [0, 1, 2],
+        "reference": {"label": "Hu et al. 2021 Table 6 (GPT-3 175B, MNLI-m, W_q and W_v)", "key": "lora.r",
+                      "metrics": {"accuracy": 100.0}, "rows": PAPER_MNLI_RANK,
+                      "note": "Another model and task (the paper has no GLUE rank sweep on RoBERTa): the "
+                              "flatness over r is what compares. r = 16 has no paper row."}}
+        for task in ("sst2", "rte", "mrpc")}
