@@ -212,12 +212,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not (adapter / "adapter_config.json").is_file():
         raise UsageError(f"{args.adapter_dir}: no adapter_config.json (not an adapter or run dir)")
     method = saved_method(adapter)  # checked before minutes of model loading
-    if merge_refusal(method):
-        raise UsageError(f"{adapter} holds a {method!r} run, which cannot be merged: {merge_refusal(method)}")
+    refusal = merge_refusal(method)
+    if refusal:
+        raise UsageError(f"{adapter} holds a {method!r} run, which cannot be merged: {refusal}")
     if method == "lora":
         check_adapter_files(adapter, heads_required=not args.allow_fresh_head)
-    elif missing_heads(adapter) and not args.allow_fresh_head:
-        raise UsageError(f"{adapter}: the head {missing_heads(adapter)} it lists has no weights in the file, so the "
+    elif not args.allow_fresh_head and (missing := missing_heads(adapter)):
+        raise UsageError(f"{adapter}: the head {missing} it lists has no weights in the file, so the "
                          "merged model would carry a random head; pass --allow-fresh-head to merge anyway")
     config, overrides = _split_items(args.items)
     config = config or _config_near(adapter)

@@ -289,8 +289,10 @@ def missing_heads(directory: str | Path) -> list[str]:
     """The heads a saved method lists (config "head") with no tensor in its weights file."""
     from safetensors import safe_open
 
+    from loralab.core.adapter_io import read_config_json
+
     directory = Path(directory)
-    heads = json.loads((directory / CONFIG_NAME).read_text()).get("head") or []
+    heads = read_config_json(directory).get("head") or []
     with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
         keys = list(f.keys())
     return [h for h in heads if not any(k.startswith(h + ".") for k in keys)]
@@ -303,5 +305,5 @@ def merge_method(model: nn.Module) -> None:
     if name == "lora":
         from loralab.core.inject import merge_adapters
         merge_adapters(model)
-    elif merge_refusal(name):
-        raise NotImplementedError(merge_refusal(name))
+    elif (refusal := merge_refusal(name)):
+        raise NotImplementedError(refusal)

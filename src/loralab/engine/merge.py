@@ -35,8 +35,9 @@ def merge_adapter(cfg: RunConfig, adapter: str | Path, out: str | Path) -> dict[
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
     method = saved_method(adapter)
-    if merge_refusal(method):
-        raise MergeError(f"{adapter} holds a {method!r} run, which cannot be merged: {merge_refusal(method)}")
+    refusal = merge_refusal(method)
+    if refusal:
+        raise MergeError(f"{adapter} holds a {method!r} run, which cannot be merged: {refusal}")
     if cfg.model.quantize != "none":  # merging into 4-bit weights would re-quantize the sum
         print(f"note: merging into the full-precision base, not the {cfg.model.quantize} one it trained on",
               file=sys.stderr)

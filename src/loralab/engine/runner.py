@@ -125,11 +125,13 @@ def adapter_config(cfg: RunConfig, adapter: str | Path, allow_fresh_head: bool =
 
 def _saved_method(adapter: str | Path) -> str:
     """The ``method`` an adapter dir's adapter_config.json records (PEFT's LoRA files have none: lora)."""
+    from loralab.core.adapter_io import read_config_json
+
     try:
-        saved = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+        saved = read_config_json(adapter)
     except (OSError, ValueError):
         return "lora"  # unreadable: check_adapter_files says what is wrong with it
-    return str(saved.get("method") or "lora") if isinstance(saved, dict) else "lora"
+    return str(saved.get("method") or "lora")
 
 
 def check_head_loaded(built: Built, adapter: Any) -> None:

@@ -194,9 +194,8 @@ def write_hf_dir_with_transformers(gguf_path: Path, target: Path) -> None:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     config = model.config
-    for key in ("quantization_config",):
-        if hasattr(config, key):
-            delattr(config, key)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     config.save_pretrained(target)
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     if model.generation_config is not None:

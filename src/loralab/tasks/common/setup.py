@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from loralab.core import methods as core_methods
-from loralab.core.adapter_io import PREFIX, load_adapter
+from loralab.core.adapter_io import PREFIX, load_adapter, read_config_json
 from loralab.core.blocks import QV_NAMES
 from loralab.core.inject import count_parameters, inject_adapter
 
@@ -182,7 +182,7 @@ def warm_start(model: nn.Module, adapter_dir: str | Path, heads: list[str]) -> d
     if not weights.is_file() or not (src / "adapter_config.json").is_file():
         raise FileNotFoundError(f"lora.init_from={str(src)!r}: expected adapter_config.json and "
                                 f"adapter_model.safetensors in {src.resolve()}")
-    saved_method = json.loads((src / "adapter_config.json").read_text()).get("method", "lora")
+    saved_method = read_config_json(src).get("method", "lora")
     if saved_method != "lora":
         raise ValueError(f"lora.init_from={str(src)!r} holds a saved {saved_method!r} method, not LoRA adapters, "
                          f"and lora.method is 'lora': set lora.method={saved_method} to train or evaluate it. "
@@ -270,7 +270,7 @@ def warm_start_method(model: nn.Module, adapter_dir: str | Path, method: str, he
     if not weights.is_file() or not config_path.is_file():
         raise FileNotFoundError(f"lora.init_from={str(src)!r}: expected {core_methods.CONFIG_NAME} and "
                                 f"{core_methods.WEIGHTS_NAME} in {src.resolve()}")
-    config = json.loads(config_path.read_text())
+    config = read_config_json(src)
     saved_method = config.get("method", "lora")
     if saved_method != method:
         raise ValueError(f"lora.init_from={str(src)!r} holds a saved {saved_method!r} method but lora.method is "

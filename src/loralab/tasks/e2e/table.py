@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from loralab.tasks.common.results import collect_results
+from loralab.tasks.common.tables import collect_results, write_table_files
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 PERCENT = ("BLEU", "METEOR", "ROUGE_L")
@@ -119,13 +119,7 @@ def e2e_table(results: list[dict]) -> tuple[str, dict]:
 
 def write_e2e_table(results: list[dict], out_dir: str | Path, stem: str = "e2e_table") -> tuple[Path, Path]:
     """Print the table and write ``<stem>.md`` and ``<stem>.json`` under ``out_dir``."""
-    markdown, data = e2e_table(results)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(markdown)
-    (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
-    print(markdown)
-    return out / f"{stem}.md", out / f"{stem}.json"
+    return write_table_files(*e2e_table(results), out_dir, stem)
 
 
 def collect(root: str | Path) -> list[dict[str, Any]]:

@@ -173,14 +173,9 @@ def _runs_table(results: list[dict]) -> str:
 
 def write_glue_table(results: list[dict], out_dir: str | Path, stem: str = "glue_table") -> tuple[Path, Path]:
     """Print the table and write ``<stem>.md`` and ``<stem>.json`` under ``out_dir``."""
-    markdown, data = glue_table(results)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = out / f"{stem}.md", out / f"{stem}.json"
-    md_path.write_text(markdown)
-    json_path.write_text(json.dumps(data, indent=2))
-    print(markdown)
-    return md_path, json_path
+    from loralab.tasks.common.tables import write_table_files
+
+    return write_table_files(*glue_table(results), out_dir, stem)
 
 
 def flatten(result: dict, run_dir: Path) -> dict[str, Any]:
@@ -204,9 +199,9 @@ def flatten(result: dict, run_dir: Path) -> dict[str, Any]:
 
 
 def collect_results(root: str | Path) -> list[dict[str, Any]]:
-    """Finished GLUE training runs under ``root`` as table rows (``common.results.collect_results``;
+    """Finished GLUE training runs under ``root`` as table rows (``common.tables.collect_results``;
     evaluation-only runs are left out, so that re-evaluating an adapter never counts as another seed)."""
-    from loralab.tasks.common.results import collect_results as collect
+    from loralab.tasks.common.tables import collect_results as collect
 
     return collect(root, "glue", flatten)
 
