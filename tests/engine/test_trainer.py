@@ -78,6 +78,41 @@ def test_sigterm_before_the_first_step_still_writes_a_checkpoint_to_resume_from(
     assert _same_weights(full_run, tmp_path / "early.st")
 
 
+def test_batchnorm_statistics_survive_a_sigkill_and_resume(tmp_path):
+    # running mean/var train without gradients: before they were checkpointed, the resumed run went on
+    # from the statistics the model was built with and ended with different ones than the uninterrupted run
+    full = _run_toy(tmp_path, "full", "--batchnorm")
+    assert "STATUS completed 24" in full.stdout, full.stderr
+    killed = _run_toy(tmp_path, "crash", "--batchnorm", "--kill-after-loss-calls", "11")
+    assert killed.returncode == -9, killed.stderr
+    ckpt = latest_checkpoint(tmp_path / "crash" / "checkpoints")
+    stats = load_file(str(ckpt / "running_stats.safetensors"))
+    assert sorted(stats) == ["1.num_batches_tracked", "1.running_mean", "1.running_var"]
+    assert int(stats["1.num_batches_tracked"]) == 9  # one update per step, 9 steps in
+    resumed = _run_toy(tmp_path, "crash", "--batchnorm", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    final = load_file(str(tmp_path / "crash.st"))
+    assert int(final["1.num_batches_tracked"]) == 24
+    assert _same_weights(tmp_path / "full.st", tmp_path / "crash.st")  # parameters and statistics, bit for bit
+
+
+def test_keep_best_restores_the_batchnorm_statistics_of_the_best_evaluation():
+    task = toy_task(eval_values=[0.5, 0.9, 0.7, 0.6])  # best at the 2nd evaluation (step 4)
+    model = toy_model(batchnorm=True)
+    seen = {}
+    orig = task.evaluate
+
+    def spy(m):
+        seen[len(seen) + 1] = {k: v.clone() for k, v in m.state_dict().items()}
+        return orig(m)
+
+    task.evaluate = spy
+    res = fit(model, task, ToyTrainConfig(eval_every=2, max_steps=8), log=lambda *a: None)
+    assert res.best_step == 4 and int(seen[4]["1.num_batches_tracked"]) == 8
+    assert int(seen[2]["1.num_batches_tracked"]) == 4
+    assert all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())
+
+
 SCORES = "4:0.5,8:0.9,12:0.7,16:0.6,20:0.65,24:0.8,28:0.5,32:0.85"  # best at step 8
 
 

@@ -27,9 +27,11 @@ def ToyTrainConfig(**overrides) -> TrainConfig:
     return TrainConfig(**{**defaults, **overrides})
 
 
-def toy_model(seed: int = 0, dropout: float = 0.1) -> nn.Module:
+def toy_model(seed: int = 0, dropout: float = 0.1, batchnorm: bool = False) -> nn.Module:
+    """``batchnorm``: a BatchNorm1d after the first layer, whose running statistics training updates."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 1))
+    norm = [nn.BatchNorm1d(16, momentum=0.3)] if batchnorm else []
+    return nn.Sequential(nn.Linear(8, 16), *norm, nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 1))
 
 
 def toy_task(n: int = 64, seed: int = 1, hook=None, eval_values: list[float] | None = None,
@@ -109,6 +111,7 @@ if __name__ == "__main__":
     ap.add_argument("--scores", default="", help="STEP:SCORE,...: keep-best on these scores")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--batchnorm", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     distributed.init()
@@ -121,7 +124,7 @@ if __name__ == "__main__":
         if args.signal_at.isdigit() and k == int(args.signal_at):
             os.kill(os.getpid(), sig)
 
-    model = toy_model(dropout=args.dropout)
+    model = toy_model(dropout=args.dropout, batchnorm=args.batchnorm)
     cfg = ToyTrainConfig(save_every=args.save_every, eval_every=args.eval_every, grad_accum=args.grad_accum,
                          epochs=args.epochs)
     optimizer = build_optimizer_for(model, cfg)
@@ -130,6 +133,6 @@ if __name__ == "__main__":
     task.train_dataset = _SignalOnLen(task.train_dataset, sig if args.signal_at == "setup" else None)
     result = fit(model, task, cfg, run_dir=args.run_dir, resume=args.resume, optimizer=optimizer)
     if distributed.is_main():
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, args.out)
+        save_file({n: p.detach().contiguous() for n, p in model.state_dict().items()}, args.out)  # buffers too
         print("STATUS", result.status, result.global_step)
     distributed.shutdown()

@@ -3,10 +3,14 @@
 A checkpoint is a directory ``checkpoint-<step>/`` holding
 
 - ``trainable.safetensors``  every parameter with requires_grad (adapter, heads, biases),
+- ``running_stats.safetensors``  the running mean/var/count of every norm layer that tracks them
+                             (BatchNorm; absent when the model has none): training updates them without
+                             gradients, and evaluating resumed weights with stale statistics is wrong,
 - ``state.pt``               optimizer, scheduler, RNG states and the data position (tensors, dicts,
                              lists and numbers only, read back with ``torch.load(weights_only=True)``,
                              so loading never unpickles arbitrary objects), and the TrainState,
-- ``best.safetensors``       the kept-best weights (keep_best runs, once a best evaluation exists),
+- ``best.safetensors``       the kept-best weights and running statistics (keep_best runs, once a best
+                             evaluation exists),
 - ``manifest.json``          size and sha256 of each file above, written last.
 
 Writing goes to ``.tmp-checkpoint-<step>-<pid>/`` first, each file fsynced, the manifest last, then the
@@ -47,6 +51,18 @@ class CheckpointWriteError(OSError):
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter that trains, by its name in ``model`` (detached, contiguous, on CPU)."""
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def running_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers training changes without gradients, by name: ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` of every module with ``track_running_stats`` (BatchNorm, InstanceNorm)."""
+    stats = {}
+    for prefix, module in model.named_modules():
+        if getattr(module, "track_running_stats", False):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                if isinstance(buf := getattr(module, name, None), torch.Tensor):
+                    stats[f"{prefix}.{name}" if prefix else name] = buf
+    return stats
 
 
 def rng_state() -> dict[str, Any]:
@@ -151,6 +167,9 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict[str, An
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        if stats := running_statistics(model):
+            save_file({n: t.detach().to("cpu").contiguous() for n, t in stats.items()},
+                      str(tmp / "running_stats.safetensors"))
         torch.save(state, tmp / "state.pt")
         if best is not None:
             save_file({k: v.to("cpu").contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
@@ -275,7 +294,18 @@ def load_checkpoint(path: Path, model: nn.Module, verify: bool = True) -> dict[s
                 raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor)
+    stats, stats_file = running_statistics(model), path / "running_stats.safetensors"
+    if stats_file.exists():
+        saved_stats = load_file(str(stats_file))
+        if saved_stats.keys() != stats.keys() or any(stats[n].shape != t.shape for n, t in saved_stats.items()):
+            raise ValueError(f"checkpoint {path}: its running statistics ({len(saved_stats)} buffers) do not match "
+                             f"the model's ({len(stats)}): was it written by a run with another model?")
+        with torch.no_grad():
+            for name, tensor in saved_stats.items():
+                stats[name].copy_(tensor)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if stats and not stats_file.exists():  # written before running statistics were checkpointed
+        state["running_stats_missing"] = True
     if (path / "best.safetensors").exists():
         state["best_weights"] = load_file(str(path / "best.safetensors"))
     return state

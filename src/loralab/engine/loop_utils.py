@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from loralab.engine import distributed as ddp
+from loralab.engine.checkpoint import running_statistics
 
 
 def set_seed(seed: int) -> None:
@@ -100,15 +101,17 @@ class StopFlag:
 
 
 def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of every trainable parameter (the kept-best weights; off the GPU on purpose)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    """A CPU copy of every trainable parameter and running statistic (BatchNorm's: they belong to the
+    weights they were computed with), the kept-best state; off the GPU on purpose."""
+    params = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    return {**params, **{n: b.detach().to("cpu", copy=True) for n, b in running_statistics(model).items()}}
 
 
 def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+    tensors = {**dict(model.named_parameters()), **running_statistics(model)}
     with torch.no_grad():
         for k, v in state.items():
-            params[k].copy_(v)
+            tensors[k].copy_(v)
 
 
 def evaluate_model(model: nn.Module, task: Any) -> dict[str, float]:

@@ -156,6 +156,9 @@ def _resume(loop: _Loop, resume: bool | str | Path) -> TrainState:
         state = TrainState.from_checkpoint(saved)
         loop.saved = (state.position(), ckpt)
         loop.log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        if saved.get("running_stats_missing"):
+            loop.log(f"WARNING: {ckpt} predates checkpointed running statistics: the model's BatchNorm statistics "
+                     "are those it was built with, not the interrupted run's")
     ddp.barrier()  # every rank has chosen before rank 0 removes anything
     if ddp.is_main() and root is not None:
         if isinstance(resume, bool):  # newer ones were all rejected; they are rewritten as training goes

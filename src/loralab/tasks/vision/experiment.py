@@ -31,9 +31,8 @@ contain it):
 BatchNorm running statistics (``data.bn_stats``): "auto" updates them with full fine-tuning only; with
 lora and linear_probe they stay the pretrained ones, so base weights + the saved adapter/head reproduce
 the evaluated model exactly. With bn_stats=update and lora they are saved to
-``<run_dir>/bn_stats.safetensors``. When the statistics update, the trainer's keep-best restores only
-parameters, so the experiment snapshots the buffers at each new best validation accuracy and restores
-the best one in report() (``details.bn_stats``; lost on resume, then the last ones are kept, said so).
+``<run_dir>/bn_stats.safetensors``. The engine checkpoints running statistics and keeps them with the
+kept-best weights, so a resumed run and its best evaluation use the statistics they were computed with.
 """
 
 from __future__ import annotations
@@ -47,13 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.engine.checkpoint import running_statistics
 from loralab.engine.experiment import Baseline, Built, Result, margin_for_rate
 from loralab.engine.schema import DataConfig
 from loralab.engine.task import Batch, TaskSpec
 from loralab.engine.typed_config import require
 from loralab.tasks.common.results import make_result, save_trained
 from loralab.tasks.common.sampling import subsample
-from loralab.tasks.vision.setup import (HEAD, VisionConfigError, _log, apply_vision_method, bn_buffers, check_method,
+from loralab.tasks.vision.setup import (HEAD, VisionConfigError, _log, apply_vision_method, check_method,
                                         check_model_config, load_pretrained, parse_model_name, pretrained_channels)
 from loralab.tasks.vision.data import (FASHION_MNIST_CLASSES, MNIST_CLASSES, ImageSet, default_fashion_mnist_dir,
                                        read_cifar10, read_mnist, select_classes, split_validation)
@@ -252,11 +252,8 @@ def accuracy_metrics(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 # ---------------------------------------------------------------- model and method
 
 
-def make_task_spec(splits: VisionSplits, transform: ImageTransform, eval_batch_size: int,
-                   track_buffers: bool) -> TaskSpec:
-    """Training batches of the training split; ``evaluate`` = accuracy and loss on the validation split.
-    With ``track_buffers``, the BN statistics of each new best validation accuracy (the trainer's own
-    rule: strictly better) are kept in ``spec.best_buffers`` for report()."""
+def make_task_spec(splits: VisionSplits, transform: ImageTransform, eval_batch_size: int) -> TaskSpec:
+    """Training batches of the training split; ``evaluate`` = accuracy and loss on the validation split."""
 
     def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(model(batch["pixel_values"]).float(), batch["labels"],
@@ -265,14 +262,11 @@ def make_task_spec(splits: VisionSplits, transform: ImageTransform, eval_batch_s
     def evaluate(model: nn.Module) -> dict[str, float]:
         preds, val_loss, _ = predict(model, splits.val, transform, eval_batch_size, spec.label_smoothing)
         acc = float((preds == splits.val.labels).float().mean())
-        if track_buffers and (spec.best_val is None or acc > spec.best_val):
-            spec.best_val, spec.best_buffers = acc, bn_buffers(model)
         return {"accuracy": acc, "eval_loss": val_loss}
 
     spec = TaskSpec(train_dataset=ImageExamples(splits.train), collate=make_collate(transform), loss=loss,
                     evaluate=evaluate, metric="accuracy", greater_is_better=True, length=lambda ex: 1,
                     tokens=lambda batch: int(batch["labels"].numel()))
-    spec.best_val, spec.best_buffers = None, None  # type: ignore[attr-defined]
     return spec
 
 
@@ -325,7 +319,7 @@ class VisionExperiment:
         model.freeze_bn_stats = bn_mode == "frozen"
         info = apply_vision_method(model, cfg.lora, cfg.model.name)
         eval_bs = max(64, cfg.train.batch_size)
-        spec = make_task_spec(splits, transform, eval_bs, track_buffers=bn_mode == "update")
+        spec = make_task_spec(splits, transform, eval_bs)
         names = [splits.train.classes[i] for i in range(k)]
         _log(f"{d.dataset} classes {splits.class_ids} {names}: train {len(splits.train)}, validation "
              f"{len(splits.val)}, test {len(splits.test)} images of {tuple(splits.train.images.shape[1:])}"
@@ -355,15 +349,8 @@ class VisionExperiment:
         cfg, splits, model = built.state["cfg"], built.state["splits"], built.model
         buffers_note = "frozen (the pretrained or initial statistics)"
         if built.state["bn_stats"] == "update":
-            best = getattr(built.task, "best_buffers", None)
             if fit is not None and cfg.train.keep_best and getattr(fit, "best_step", None) is not None:
-                if best is not None:
-                    model.load_state_dict(best, strict=False)
-                    buffers_note = f"updated; those of the best validation accuracy (step {fit.best_step}) restored"
-                else:
-                    buffers_note = ("updated; the best evaluation's statistics are unknown after a resume, the last "
-                                    "ones are used with the kept-best parameters")
-                    _log(f"warning: BN statistics: {buffers_note}")
+                buffers_note = f"updated; those of the best validation accuracy (step {fit.best_step}), kept with its weights"
             else:
                 buffers_note = "updated; the last ones"
         k = len(splits.class_ids)
@@ -408,7 +395,7 @@ class VisionExperiment:
             saved = {"adapter": save_trained(model, run_dir)}
             if bn_mode == "update":
                 path = run_dir / "bn_stats.safetensors"
-                save_file({k: v.contiguous() for k, v in bn_buffers(model).items()}, str(path))
+                save_file({k: v.detach().contiguous().cpu() for k, v in running_statistics(model).items()}, str(path))
                 saved["bn_stats"] = str(path)
             return saved
         if method == "full":

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from loralab.engine.schema import LoraSection
@@ -129,11 +128,6 @@ def apply_vision_method(model: nn.Module, lora: LoraSection, base_model_name: st
         info["target_set"] = described
         return info
     return apply_method(model, lora, None, heads, base_model_name)
-
-
-def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers()
-            if n.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
 
 
 # ---------------------------------------------------------------- the task
