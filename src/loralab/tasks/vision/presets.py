@@ -2,18 +2,16 @@
 
 Pretrain-then-adapt on Fashion-MNIST (there are no pretrained image weights on this machine):
 
-    LORALAB_EXPERIMENTS=loralab.tasks.vision loralab train --preset vision-fmnist-pretrain \\
-        --run-dir runs/vision-fmnist-pretrain
-    LORALAB_EXPERIMENTS=loralab.tasks.vision loralab train --preset vision-fmnist-adapt-lora
-    ...                                                      --preset vision-fmnist-adapt-full
-    ...                                                      --preset vision-fmnist-adapt-probe
+    loralab train --preset vision-fmnist-pretrain --run-dir runs/vision-fmnist-pretrain
+    loralab train --preset vision-fmnist-adapt-lora
+    loralab train --preset vision-fmnist-adapt-full
+    loralab train --preset vision-fmnist-adapt-probe
 
 The first trains resnet18-small fully on classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat) and
 writes ``runs/vision-fmnist-pretrain/model.safetensors``, the adapt presets' default
 ``data.pretrained`` (relative to the working directory; pass ``data.pretrained=PATH`` for another
 file). They adapt it to classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot): the class count is the
-same, so the pretrained fc is loaded too and retrained. ``LORALAB_EXPERIMENTS`` is needed until the
-experiment has its entry point.
+same, so the pretrained fc is loaded too and retrained.
 
 Sizing (2 shared CPU cores): resnet18-small at 28 px costs about 1.9 s per batch of 16 on one thread, so
 the CPU presets use 16 px images (about 3x fewer operations) and subsets of the training and test files
