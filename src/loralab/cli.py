@@ -18,14 +18,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from loralab.cli_parser import build_parser
+from loralab import cli_results
+from loralab.cli_parser import UsageError, build_parser
 from loralab.engine.config import (ConfigError, config_help, config_to_yaml_with_docs, list_presets, load_config,
                                    save_config)
-from loralab.engine.runs import compare_runs, format_table, get_run, list_runs
-
-
-class UsageError(Exception):
-    """Bad command-line use; exit code 2."""
+from loralab.engine.runs import format_table
 
 
 # ---------------------------------------------------------------- helpers
@@ -250,84 +247,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _brief(results: dict) -> tuple[str, str, str]:
-    """(score, baseline, learned) columns of a registry row's headline metrics."""
-    score, base, learned = results.get("score"), results.get("baseline.score"), results.get("learned")
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"  # noqa: E731
-    return fmt(score), fmt(base), {True: "yes", False: "NO", None: "-"}.get(learned, "-")
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    root = Path(args.root)
-    try:
-        if args.runs_command == "list":
-            rows = [[r.id[:8], r.created, r.status, r.name, r.experiment, r.model, r.task, *_brief(r.metrics)]
-                    for r in list_runs(root)]
-            print(format_table(["id", "created", "status", "name", "experiment", "model", "task", "score",
-                                "baseline", "learned"], rows) if rows else f"no runs in {root}")
-        elif args.runs_command == "show":
-            r = get_run(root, args.id)
-            for key in ("id", "name", "status", "experiment", "model", "task", "created", "finished", "dir"):
-                print(f"{key:10s} {getattr(r, key)}")
-            results = r.dir / "results.json"
-            if results.exists():
-                print("results:\n" + results.read_text().rstrip())
-            if r.error:
-                print("error:\n" + r.error.rstrip())
-        else:
-            if len(args.ids) < 2:
-                raise UsageError("runs compare needs at least two run ids")
-            print(compare_runs(root, args.ids))
-    except KeyError as err:
-        raise UsageError(err.args[0]) from None
-    return 0
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from loralab.models import zoo
-
-    rows = [dataclasses.asdict(m) if dataclasses.is_dataclass(m) else dict(m) for m in zoo.list_models()]
-    keys = list(dict.fromkeys(k for m in rows for k in m))
-    print(format_table(keys, [[m.get(k) for k in keys] for m in rows]))
-    return 0
-
-
-def _table(args: argparse.Namespace, what: str, collect: Any, write: Any) -> int:
-    if not Path(args.runs_dir).is_dir():
-        raise UsageError(f"{args.runs_dir}: no such directory")
-    results = collect(args.runs_dir)
-    if not results:
-        raise UsageError(f"no finished {what} runs under {args.runs_dir}")
-    write(results, args.out or args.runs_dir)
-    return 0
-
-
-def cmd_glue_table(args: argparse.Namespace) -> int:
-    from loralab.tasks.glue import table
-
-    return _table(args, "GLUE", table.collect_results, table.write_glue_table)
-
-
-def cmd_e2e_table(args: argparse.Namespace) -> int:
-    from loralab.tasks.e2e import table
-
-    return _table(args, "E2E", table.collect, table.write_e2e_table)
-
-
-def cmd_score_e2e(args: argparse.Namespace) -> int:
-    from loralab.metrics.e2e import score_files
-
-    for path in (args.hyp, args.ref):
-        if not Path(path).is_file():
-            raise UsageError(f"{path}: no such file")
-    scores = score_files(args.hyp, args.ref)  # a count mismatch is a ValueError: the files are wrong
-    # one JSON object (raw values, BLEU as a fraction), as the official scorer's consumers expect
-    print(format_table(["metric", "value"], list(scores.items())) if args.table else json.dumps(scores))
-    return 0
-
-
 def _presets_table() -> str:
     rows = []
     for name, p in sorted(list_presets().items()):
@@ -384,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
         return PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:], command=argv[0]))
-    parser = build_parser(sys.modules[__name__])
+    commands = {n: f for mod in (sys.modules[__name__], cli_results) for n, f in vars(mod).items() if n.startswith("cmd_")}
+    parser = build_parser(argparse.Namespace(**commands))
     try:
         args, extra = parser.parse_known_args(argv)
         if extra and hasattr(args, "items") and all("=" in e and not e.startswith("-") for e in extra):

@@ -8,8 +8,12 @@ from typing import Any
 from loralab.engine.config import config_help
 
 
+class UsageError(Exception):
+    """Bad command-line use; exit code 2."""
+
+
 def build_parser(commands: Any) -> argparse.ArgumentParser:
-    """The parser; ``commands`` holds the ``cmd_*`` functions (the cli module)."""
+    """The parser; ``commands`` holds the ``cmd_*`` functions (of cli and cli_results)."""
     parser = argparse.ArgumentParser(prog="loralab", description="LoRA and QLoRA fine-tuning you can trust.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
