@@ -164,3 +164,20 @@ def test_leftovers_of_dead_writers_are_cleaned_live_ones_kept(tmp_path):
     fit(toy_model(), toy_task(), ToyTrainConfig(max_steps=3, save_every=3), run_dir=tmp_path / "run",
         log=lambda *_: None)  # a save cleans too
     assert not (root / f".tmp-checkpoint-5-{dead_pid}").exists() and (root / f".tmp-checkpoint-7-{live_pid}").exists()
+
+
+def test_running_statistics_of_another_model_are_refused_before_anything_is_loaded(tmp_path):
+    from loralab.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    source = toy_model(seed=0, batchnorm=True)
+    source[1].running_mean.fill_(3.0)
+    path = save_checkpoint(tmp_path, 1, source, {})
+    target = toy_model(seed=1, batchnorm=True)
+    target[1].register_buffer("running_mean", torch.zeros(15))  # another normalisation layer's size
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"1\.running_mean has shape \(16,\), the model expects \(15,\)"):
+        load_checkpoint(path, target)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # the weights were not half-loaded
+    same = toy_model(seed=1, batchnorm=True)
+    load_checkpoint(path, same)
+    assert torch.equal(same[1].running_mean, torch.full((16,), 3.0)) and torch.equal(same[0].weight, source[0].weight)

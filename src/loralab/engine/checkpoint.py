@@ -50,7 +50,12 @@ class CheckpointWriteError(OSError):
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter that trains, by its name in ``model`` (detached, contiguous, on CPU)."""
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return _for_file({n: p for n, p in model.named_parameters() if p.requires_grad})
+
+
+def _for_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors, as safetensors writes them."""
+    return {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
 
 
 def running_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,11 +173,10 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict[str, An
         tmp.mkdir()
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         if stats := running_statistics(model):
-            save_file({n: t.detach().to("cpu").contiguous() for n, t in stats.items()},
-                      str(tmp / "running_stats.safetensors"))
+            save_file(_for_file(stats), str(tmp / "running_stats.safetensors"))
         torch.save(state, tmp / "state.pt")
         if best is not None:
-            save_file({k: v.to("cpu").contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
+            save_file(_for_file(best), str(tmp / "best.safetensors"))
         files = {}
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:
@@ -269,6 +273,20 @@ def latest_checkpoint(root: Path) -> Path | None:
     return find_checkpoint(root)[0]
 
 
+def _check_match(path: Path, what: str, targets: dict[str, torch.Tensor], saved: dict[str, torch.Tensor],
+                 config_hint: str) -> None:
+    """The checkpoint's tensors have exactly the model's names and shapes, or a ValueError naming them."""
+    missing, unexpected = targets.keys() - saved.keys(), saved.keys() - targets.keys()
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model's {what}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]} — was it written by a run with another config ({config_hint})?")
+    for name, tensor in saved.items():
+        if targets[name].shape != tensor.shape:
+            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(targets[name].shape)}")
+
+
 def load_checkpoint(path: Path, model: nn.Module, verify: bool = True) -> dict[str, Any]:
     """Load trainable weights into ``model`` (names and shapes must match exactly) and return the state
     (with ``best_weights`` when the checkpoint has them). ``verify`` checks the manifest first."""
@@ -278,31 +296,17 @@ def load_checkpoint(path: Path, model: nn.Module, verify: bool = True) -> dict[s
         raise FileNotFoundError(f"{path} is not a loralab checkpoint: {weights_file.name} is missing")
     if verify and (reason := verify_checkpoint(path)) is not None:
         raise ValueError(f"checkpoint {path} is damaged: {reason}")
-    saved = load_file(str(weights_file))
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    missing, unexpected = trainable - saved.keys(), saved.keys() - trainable
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match the model's trainable parameters: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} — was it written by a "
-            "run with another config (method, target modules, rank)?"
-        )
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [(params, load_file(str(weights_file)))]
+    _check_match(path, "trainable parameters", *groups[0], "method, target modules, rank")
     stats, stats_file = running_statistics(model), path / "running_stats.safetensors"
     if stats_file.exists():
-        saved_stats = load_file(str(stats_file))
-        if saved_stats.keys() != stats.keys() or any(stats[n].shape != t.shape for n, t in saved_stats.items()):
-            raise ValueError(f"checkpoint {path}: its running statistics ({len(saved_stats)} buffers) do not match "
-                             f"the model's ({len(stats)}): was it written by a run with another model?")
-        with torch.no_grad():
-            for name, tensor in saved_stats.items():
-                stats[name].copy_(tensor)
+        groups.append((stats, load_file(str(stats_file))))
+        _check_match(path, "running statistics", *groups[1], "model, normalisation layers")
+    with torch.no_grad():  # everything checked first: a mismatch leaves the model as it was
+        for targets, saved in groups:
+            for name, tensor in saved.items():
+                targets[name].copy_(tensor)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if stats and not stats_file.exists():  # written before running statistics were checkpointed
         state["running_stats_missing"] = True
