@@ -183,6 +183,21 @@ def test_named_sweeps_and_their_paper_numbers():
         resolve_named("e2e-rnak", [], None)
 
 
+@pytest.mark.parametrize("name", ["e2e-rank", "glue-rank-sst2", "glue-rank-rte", "glue-rank-mrpc"])
+def test_every_named_sweeps_reference_renders_beside_a_point(name):
+    # the GLUE sweeps once crashed here before their first run: rows were bare numbers, not {metric: value}
+    from loralab.engine.sweep import named_sweeps, reference_markdown
+
+    ref = named_sweeps()[name]["reference"]
+    r, paper = next(iter(ref["rows"].items()))
+    metric, scale = next(iter(ref["metrics"].items()))
+    ours = 0.9 * paper[metric] / scale
+    lines = reference_markdown({"points": [{"overrides": {ref["key"]: r}, "metrics": {metric: ours}}],
+                                "reference": ref})
+    row = next(line for line in lines if line.startswith(f"| {r} |"))
+    assert row.strip("| ").split(" | ")[1:4] == [f"{ours * scale:.4g}", f"{paper[metric]:.4g}", "-10.0"]
+
+
 @pytest.mark.slow
 def test_a_named_sweep_runs_and_prints_the_paper_beside_it(tmp_path):
     env = _env(tmp_path)
