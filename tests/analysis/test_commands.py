@@ -100,7 +100,8 @@ def test_package_imports_no_transformers_engine_tasks_or_matplotlib():
     assert not bad, sorted(bad)
 
 
-@pytest.mark.parametrize("argv", [["subspace", "--help"], ["delta-w", "--help"]])
+@pytest.mark.parametrize("argv", [["subspace", "--help"], ["delta-w", "--help"], ["sweep", "--help"],
+                                  ["ranks", "--help"]])
 def test_subcommand_help(capsys, argv):
     code, out, _ = call(capsys, *argv)
     assert code == 0 and "--out" in out

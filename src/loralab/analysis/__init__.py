@@ -6,7 +6,9 @@
 * :mod:`loralab.analysis.delta_w` — ΔW = scaling·B A against the frozen W (Table 7): ‖ΔW‖_F, ‖U_r^⊤ W V_r‖_F
   for ΔW's, W's own and random top-r subspaces, ‖W‖_F and the amplification factor.
 * :mod:`loralab.analysis.plots` — the figures (matplotlib, imported lazily, Agg canvas).
-* :mod:`loralab.analysis.commands` — ``loralab analyze subspace|delta-w``.
+* :mod:`loralab.analysis.sweeps` — both on the adapters of a rank sweep (rank pair, seed pair, ΔW at two
+  ranks), and score-against-rank curves with saturation ranks across sweeps.
+* :mod:`loralab.analysis.commands` — ``loralab analyze subspace|delta-w|sweep|ranks``.
 
 Adapters are read from PEFT-format directories (``adapter_config.json`` + ``adapter_model.safetensors``);
 nothing here imports transformers or the training engine.

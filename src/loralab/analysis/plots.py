@@ -108,3 +108,30 @@ def per_layer_summary(modules: dict[str, dict], path: str | Path) -> Path | None
     ax.legend(fontsize=8)
     fig.savefig(path)
     return Path(path)
+
+
+def rank_curves_plot(result: dict, path: str | Path) -> Path:
+    """Left: each sweep's median score against rank (log2 axis), its baseline dashed. Right: the share of the
+    best gain over the baseline, with each sweep's saturation rank marked."""
+    fig = _figure(11, 4)
+    raw, gain = fig.subplots(1, 2)
+    for label, c in result["sweeps"].items():
+        line, = raw.plot(c["ranks"], c["scores"], marker="o", label=f"{label} ({c['metric']})")
+        if c["baseline"] is not None:
+            raw.axhline(c["baseline"], linestyle="--", color=line.get_color(), alpha=0.6)
+        g = [math.nan if v is None else v for v in c["gain"]]
+        gain.plot(c["ranks"], g, marker="o", color=line.get_color(), label=label)
+        sat = c["ranks"].index(c["saturation_rank"])
+        gain.plot([c["saturation_rank"]], [g[sat]], marker="*", markersize=16, color=line.get_color(),
+                  linestyle="none")
+    for ax in (raw, gain):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(result.get("key", "rank"))
+        ax.legend(fontsize=8)
+    raw.set_ylabel("median score (dashed: baseline)")
+    gain.set_ylabel("(score - baseline) / (best - baseline)")
+    gain.set_title("share of the best gain; ★ saturation rank", fontsize=10)
+    if result.get("title"):
+        fig.suptitle(result["title"], fontsize=11)
+    fig.savefig(path)
+    return Path(path)
