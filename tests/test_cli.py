@@ -491,6 +491,7 @@ def test_ctrl_c_then_resume_through_the_cli_matches_an_uninterrupted_run(tmp_pat
 @pytest.mark.parametrize("method,kind,count", [
     ("adapter_h", "adapter", 2 * 2 * (2 * 32 * 8 + 8 + 32)),  # 2L adapters of (2 d r + r + d), r = the preset's 8
     ("prefix_layer", "prefix", 2 * 2 * 32 * 10),  # K and V prefixes: 2 L d l_p, l_p = 10 (Hu et al.: L d l_p)
+    ("lora", "lora", 2 * 2 * 8 * (32 + 32)),  # W_q, W_v in 2 layers, r = 8: r (d + d); the head's copy is "head"
 ])
 def test_dry_run_prints_the_counts_by_kind_of_the_method(capsys, tmp_path, monkeypatch, method, kind, count):
     """`loralab train --preset glue-cpu-sst2 lora.method=... --dry-run` on a tiny BERT: the last stdout line
@@ -506,9 +507,10 @@ def test_dry_run_prints_the_counts_by_kind_of_the_method(capsys, tmp_path, monke
     counts = json.loads(out.strip().splitlines()[-1])
     assert (counts["experiment"], counts["method"]) == ("glue", method)
     base = sum(p.numel() for p in tiny_model("bert", "seq_cls", num_labels=2).parameters())
-    assert counts["trainable"] == count + HEAD and counts["total"] == base + count
+    copy = HEAD if method == "lora" else 0  # modules_to_save: a trained copy beside the frozen original head
+    assert counts["trainable"] == count + HEAD and counts["total"] == base + count + copy
     assert {k: v["trainable"] for k, v in counts["by_kind"].items() if v["trainable"]} == {kind: count, "head": HEAD}
-    assert counts["by_kind"][kind]["total"] == count
+    assert counts["by_kind"][kind]["total"] == count and counts["by_kind"]["head"]["total"] == HEAD + copy
     assert not (tmp_path / "runs").exists()  # no run was created, nothing trained
 
 

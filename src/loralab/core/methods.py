@@ -156,8 +156,8 @@ def apply_method(model: nn.Module, name: str, **settings: Any) -> dict:
 
 def _kind(name: str, heads: set[str], layers_prefix: str) -> str:
     parts = name.split(".")
-    if any(p.startswith("lora_") or p == "modules_to_save" for p in parts):
-        return "lora"
+    if any(p.startswith("lora_") for p in parts):
+        return "lora"  # a modules_to_save copy is not: it counts where its module does (a head: "head")
     if "adapter" in parts:
         return "adapter"
     if any(p in (prefix.ATTR, prefix.REPARAM_ATTR, prefix_embed.ATTR) for p in parts):
