@@ -45,7 +45,7 @@ def write_sweep(root, cells, scores=None, statuses=None):
             sc.append((scores or {}).get((r, s)))
             if (r, s) in cells:
                 write_adapter(root / rel / "adapter", cells[r, s], r=r, lora_alpha=2 * r)
-                (root / rel / "results.json").write_text(json.dumps({"details": {"seed": s, "model": "toy"}}))
+                (root / rel / "results.json").write_text(json.dumps({"run": {"seed": s, "model": "toy"}, "details": {}}))
         done = [x for x in sc if x is not None]
         points.append({"overrides": {"lora.r": str(r)}, "runs": runs, "status": status, "scores": sc,
                        "score": float(np.median(done)) if done else None,
@@ -129,6 +129,9 @@ def test_incomplete_runs_are_left_out_and_errors_name_the_fix(tmp_path):
         sweep_adapters(tmp_path)
     with pytest.raises(AnalysisError, match="not 'lora.alpha'; pass --key"):
         sweep_adapters(sweep, key="lora.alpha")
+    (sweep / "runs" / "r1-s0" / "results.json").write_text(json.dumps({"details": {}}))
+    with pytest.raises(AnalysisError, match="records no seed"):  # never guessed as 0
+        sweep_adapters(sweep)
 
 
 def test_rank_curves_gain_and_saturation_by_hand(tmp_path):

@@ -78,9 +78,12 @@ def sweep_adapters(sweep_dir: str | Path, key: str = "lora.r") -> list[SweepAdap
             run = root / rel
             if status != "completed" or not (run / "adapter" / "adapter_config.json").is_file():
                 continue
-            details = _read_json(run / "results.json", "the run did not finish").get("details", {})
-            found.append(SweepAdapter(int(point["overrides"][key]), int(details.get("seed", 0)), run,
-                                      run / "adapter", details.get("model")))
+            results = _read_json(run / "results.json", "the run did not finish")
+            info = {**results.get("details", {}), **results.get("run", {})}  # "run": the schema's, every experiment
+            if "seed" not in info:
+                raise AnalysisError(f"{run / 'results.json'} records no seed (run.seed); rerun the run")
+            found.append(SweepAdapter(int(point["overrides"][key]), int(info["seed"]), run, run / "adapter",
+                                      info.get("model")))
     if not found:
         raise AnalysisError(f"{root}: no completed run with an adapter yet; let the sweep finish (it resumes)")
     return sorted(found, key=lambda a: (a.rank, a.seed))
