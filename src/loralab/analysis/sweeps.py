@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loralab.analysis.adapters import AnalysisError
-from loralab.analysis.delta_w import run_delta_w
+from loralab.analysis.delta_w import markdown_table, run_delta_w
 from loralab.analysis.subspace import run_subspace
 
 __all__ = ["SweepAdapter", "sweep_adapters", "analyze_sweep", "rank_curves", "PAPER_TABLE7"]
@@ -42,6 +42,8 @@ PAPER_TABLE7 = {"4": {"delta_norm": 6.91, "proj_delta": 0.32, "proj_w_top": 21.6
 """Hu et al. 2021, Table 7: GPT-3 175B, W_q of layer 48 (‖W_q‖_F = 61.95). Amplification = delta_norm /
 proj_delta: 21.6 at r = 4, 1.9 at r = 64."""
 TOP = 4  # φ is averaged over i, j ≤ TOP: the paper's "top directions"
+DELTA_W_KEYS = ("rank", "rank_delta", "delta_norm", "proj_delta", "proj_w_top", "proj_random", "w_norm",
+                "amplification")  # of run_delta_w's per-module entry, kept in the summary
 
 
 @dataclass
@@ -126,8 +128,7 @@ def analyze_sweep(sweep_dirs: str | Path | list, out_dir: str | Path, *, base_di
     for d in dirs:
         for a in sweep_adapters(d, key):
             by.setdefault((a.rank, a.seed), a)
-    adapters = list(by.values())
-    lo, hi = _pick_ranks(sorted({a.rank for a in adapters}), ranks)
+    lo, hi = _pick_ranks(sorted({r for r, _ in by}), ranks)
     common = sorted({s for r, s in by if r == lo} & {s for r, s in by if r == hi})
     if not common:
         raise AnalysisError(f"r = {lo} and r = {hi} have no seed in common; pass --ranks")
@@ -154,8 +155,7 @@ def analyze_sweep(sweep_dirs: str | Path | list, out_dir: str | Path, *, base_di
         dw_dir = out / f"delta-w-r{r}"
         res = run_delta_w(by[r, seed].adapter_dir, base_dir, dw_dir, modules=modules)
         summary["delta_w"][str(r)] = {"dir": dw_dir.name, "modules": {
-            n: {k: e[k] for k in ("delta_norm", "proj_delta", "proj_w_top", "proj_random", "w_norm", "amplification")}
-            for n, e in res["modules"].items()}}
+            n: {k: e[k] for k in DELTA_W_KEYS} for n, e in res["modules"].items()}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_analysis.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     (out / "sweep_analysis.md").write_text(sweep_markdown(summary))
@@ -194,27 +194,18 @@ def sweep_markdown(s: dict) -> str:
         head += [f"φ(1,1) {label}", f"φ≤{TOP} {label}", "random φ(1,1)"]
     head += [f"amplification r={r}" for r in s["delta_w"]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fams = sorted({_family(n) for n in s["rank_pair"]["modules"]})
-    for fam in fams:
-        cells = [f"`{fam}`"]
-        for pair, _ in pairs:
-            mods = s[pair]["modules"]
-            cells += [_f(_family_medians(mods, "phi_11").get(fam)), _f(_family_medians(mods, f"phi_top{TOP}").get(fam)),
-                      _f(_family_medians(mods, "random_11").get(fam))]
-        cells += [_f(_family_medians(d["modules"], "amplification").get(fam), ".2f") for d in s["delta_w"].values()]
-        lines.append("| " + " | ".join(cells) + " |")
+    columns = [(_family_medians(s[pair]["modules"], field), ".3f") for pair, _ in pairs
+               for field in ("phi_11", f"phi_top{TOP}", "random_11")]
+    columns += [(_family_medians(d["modules"], "amplification"), ".2f") for d in s["delta_w"].values()]
+    for fam in sorted({_family(n) for n in s["rank_pair"]["modules"]}):
+        lines.append("| " + " | ".join([f"`{fam}`"] + [_f(col.get(fam), fmt) for col, fmt in columns]) + " |")
     lines += ["", f"Medians over layers. φ(1,1): overlap of the top input direction of lora_A; φ≤{TOP}: φ(i,j) "
               f"averaged over i, j ≤ {TOP}; random: Gaussian factors of the same shapes. Paper (GPT-3 175B, "
               "layer 48): φ(1,1) between A_8 and A_64 above 0.5 for W_q and W_v (Fig. 3); amplification of "
               f"W_q {PAPER_TABLE7['4']['delta_norm'] / PAPER_TABLE7['4']['proj_delta']:.1f} at r=4 and "
               f"{PAPER_TABLE7['64']['delta_norm'] / PAPER_TABLE7['64']['proj_delta']:.1f} at r=64 (Table 7).", ""]
     for r, d in s["delta_w"].items():
-        lines += [f"## ΔW against W, r = {r}", "", "| module | ‖ΔW‖_F | ‖U^T W V‖_F (ΔW) | (W top) | (random) "
-                  "| ‖W‖_F | amplification |", "|---|---|---|---|---|---|---|"]
-        for n, e in d["modules"].items():
-            lines.append(f"| `{n}` | " + " | ".join(_f(e[k], ".4g") for k in
-                         ("delta_norm", "proj_delta", "proj_w_top", "proj_random", "w_norm", "amplification")) + " |")
-        lines.append("")
+        lines += [f"## ΔW against W, r = {r}", "", markdown_table(d["modules"])]
     for why in s["skipped"].values():
         lines.append(f"Not computed: {why}.")
     return "\n".join(lines) + "\n"
@@ -262,11 +253,10 @@ def rank_curves(sweeps: list[tuple[str, str | Path]], out_dir: str | Path, key: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ranks.json").write_text(json.dumps(result, indent=1, allow_nan=False))
-    lines = [f"# {title or 'Score against rank'}", "", "| sweep | metric | seeds | baseline | " +
-             " | ".join(f"r={r:g}" for r in sorted({r for c in result["sweeps"].values() for r in c["ranks"]})) +
-             " | best r | saturation r (tol) |"]
     all_r = sorted({r for c in result["sweeps"].values() for r in c["ranks"]})
-    lines.append("|" + "---|" * (len(all_r) + 6))
+    lines = [f"# {title or 'Score against rank'}", "", "| sweep | metric | seeds | baseline | " +
+             " | ".join(f"r={r:g}" for r in all_r) + " | best r | saturation r (tol) |",
+             "|" + "---|" * (len(all_r) + 6)]
     for label, c in result["sweeps"].items():
         at = dict(zip(c["ranks"], c["scores"]))
         lines.append(f"| {label} | {c['metric']} | {c['seeds']} | {_f(c['baseline'], '.4g')} | " +
