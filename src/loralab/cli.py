@@ -116,10 +116,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(config, overrides, preset=args.preset)
     if args.dry_run:
         return _dry_run(cfg)
+    cache = Path(args.baseline_cache) if args.baseline_cache else None
     if args.run_dir:
-        run, results = runner.run_at(cfg, args.run_dir)
+        run, results = runner.run_at(cfg, args.run_dir, cache)
     else:
-        run, results = runner.run_training(cfg, resume=args.resume)
+        run, results = runner.run_training(cfg, resume=args.resume, baseline_cache=cache)
     if run is not None:
         _print_summary(run, results, report=not cfg.train.quiet)
     return 0

@@ -27,6 +27,8 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--run-dir", metavar="DIR", help="run in exactly DIR: create it, or finish what a previous "
                                                     "process left there (used by `loralab sweep`)")
+    p.add_argument("--baseline-cache", metavar="DIR", help="reuse an un-adapted baseline that a run "
+                   "with the same model, data, generate settings and seed measured into DIR (used by `loralab sweep`)")
     p.add_argument("--quiet", action="store_true", help="no progress output (same as train.quiet=true)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, build the model and method, "
                                                           "print the trainable/total counts by kind (JSON); no training")

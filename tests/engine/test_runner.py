@@ -519,3 +519,43 @@ def test_disk_full_fails_loudly_and_keeps_the_previous_checkpoint(driver, tmp_pa
     p = loralab(driver, "train", "--resume", run, best_step=6)
     assert p.returncode == 0, p.stderr
     assert status(run) == "completed" and toy_weights(run) == toy_weights(toy_reference)
+
+
+def test_a_sweep_shares_a_baseline_only_between_runs_it_cannot_differ_in(tmp_path):
+    """measure_baseline's cache: runs that differ in method or recipe reuse it; another seed, data or compute
+    dtype, or an experiment that does not declare shared_baseline, measures its own."""
+    import torch
+
+    from loralab.engine.config import load_config
+    from loralab.engine.experiment import Baseline
+    from loralab.engine.runner import baseline_key, measure_baseline
+
+    class Counting:
+        shared_baseline = True
+
+        def __init__(self):
+            self.calls = 0
+
+        def baseline(self, built):
+            self.calls += 1
+            return Baseline(score=float(self.calls), kind="un-adapted model", metrics={"BLEU": float(self.calls)})
+
+    def key(*overrides, dtype=torch.float32):
+        return baseline_key(load_config(None, ["experiment=e2e", *overrides]), dtype)
+
+    cache, exp = tmp_path / "baselines", Counting()
+    for run in "abc":
+        (tmp_path / run).mkdir()
+    first = measure_baseline(exp, None, tmp_path / "a", cache, key("lora.r=1"))
+    assert (exp.calls, first.score) == (1, 1.0) and (tmp_path / "a" / "baseline.json").is_file()
+    for run, overrides in (("b", ["lora.r=64", "train.lr=0.1"]), ("c", ["lora.method=adapter_h", "train.epochs=3"])):
+        assert measure_baseline(exp, None, tmp_path / run, cache, key(*overrides)).score == 1.0  # reused
+        assert json.loads((tmp_path / run / "baseline.json").read_text())["score"] == 1.0
+    assert exp.calls == 1
+    for overrides, dtype in ((["train.seed=1"], torch.float32), (["data.eval_samples=7"], torch.float32),
+                             (["generate.num_beams=3"], torch.float32), ([], torch.bfloat16)):
+        assert key(*overrides, dtype=dtype) != key()
+    measure_baseline(exp, None, None, cache, key("train.seed=1"))
+    assert exp.calls == 2 and len(list(cache.iterdir())) == 2
+    exp.shared_baseline = False  # a baseline with a random head (SQuAD span) is never shared
+    assert measure_baseline(exp, None, None, cache, key("lora.r=1")).score == 3.0

@@ -89,6 +89,8 @@ def test_a_plugin_experiment_trains_sweeps_resumes_and_reports_through_the_cli(t
         assert point["score"] == statistics.median(point["scores"])
         assert point["spread"] == [min(point["scores"]), max(point["scores"])]
         assert [r["run"]["seed"] for r in runs] == [0, 1]
+    assert fast["baselines"] == slow["baselines"]  # measured once per seed, shared by both learning rates
+    assert len(list((out / "baselines").glob("*.json"))) == 2
     assert fast["learned"] == [True, True]
     assert slow["learned"] == [False, False]  # lr 1e-4 for 64 steps does not leave the baseline
     md = (out / "sweep.md").read_text()

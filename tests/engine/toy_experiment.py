@@ -58,6 +58,7 @@ class ToyExperiment:
     name: ClassVar[str] = "toy"
     data_config: ClassVar[type] = ToyData
     sections: ClassVar[tuple[str, ...]] = ()
+    shared_baseline: ClassVar[bool] = True  # the constant predictor: a function of the data and seed alone
     sweeps: ClassVar[dict[str, dict]] = {  # a named sweep with "paper" numbers to sit beside
         "toy-lr": {"preset": "toy-fit", "grid": {"train.lr": [0.2, 0.0001]}, "fixed": {"data.noise": 0.2},
                    "seeds": [0], "reference": {"label": "a made-up paper", "key": "train.lr",

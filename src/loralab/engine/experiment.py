@@ -13,6 +13,8 @@ An experiment is one object with
     baseline(built)         -> Baseline   the un-adapted model's (or the majority class's) score,
                                           measured before training on the same evaluation set
     report(built, fit, run_dir) -> Result the final evaluation, in the one result schema
+    shared_baseline (optional, default False) True when baseline(built) depends only on the model, data and
+                    generate sections and the seed: a sweep then measures it once for all its methods/ranks
 
 and registers itself with ``register_experiment`` when its module is imported. The engine finds
 experiment modules through the ``loralab.experiments`` entry-point group and the ``LORALAB_EXPERIMENTS``

@@ -219,12 +219,38 @@ def _compute(dtype: Any, built: Built) -> Any:
     return compute_context(dtype, next((p.device for p in built.model.parameters()), "cpu"))
 
 
-def measure_baseline(experiment: Any, built: Built, run_dir: Path | None) -> Baseline | None:
-    """The experiment's baseline, measured once per run: a resumed run reads it back from the run dir."""
+def baseline_key(cfg: RunConfig, dtype: Any) -> str:
+    """What an un-adapted baseline can depend on, hashed: the experiment, the model, data and generate
+    sections, the seed and the resolved compute dtype (never the method or the training recipe)."""
+    import hashlib
+
+    record = {k: v for k, v in config_to_dict(cfg).items() if k in ("experiment", "model", "data", "generate")}
+    record.update(seed=cfg.train.seed, compute=str(dtype))
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def measure_baseline(experiment: Any, built: Built, run_dir: Path | None, cache: Path | None = None,
+                     key: str | None = None) -> Baseline | None:
+    """The experiment's baseline, measured once per run: a resumed run reads it back from the run dir.
+
+    ``cache`` (``loralab sweep`` passes its own): a dir of baselines by ``key`` (``baseline_key``), shared
+    by runs that differ only in method or recipe, so a sweep measures each baseline once. Only an
+    experiment that declares ``shared_baseline = True`` (its baseline is a function of the key's fields
+    alone: no random head, no state left for its report) uses it."""
     path = run_dir / BASELINE_FILE if run_dir is not None else None
     if path is not None and path.is_file():
         return Baseline(**json.loads(path.read_text()))
-    baseline = experiment.baseline(built)
+    shared = cache / f"{key}.json" if cache is not None and key and getattr(experiment, "shared_baseline", False) \
+        else None
+    if shared is not None and shared.is_file():
+        baseline = Baseline(**json.loads(shared.read_text()))
+        print(f"[baseline] {baseline.kind}: {baseline.score:.4g}, measured by an earlier run of this sweep "
+              f"({shared})", file=sys.stderr, flush=True)
+    else:
+        baseline = experiment.baseline(built)
+        if shared is not None and baseline is not None:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            _write_json(shared, dataclasses.asdict(baseline))
     if path is not None and baseline is not None:
         _write_json(path, dataclasses.asdict(baseline))
     return baseline
@@ -258,13 +284,14 @@ def result_record(cfg: RunConfig, result: Result, started: float, fit: Any = Non
 
 
 def run_training(cfg: RunConfig, resume: str | Path | None = None, run_dir: str | Path | None = None,
-                 opened: Any = None) -> tuple[Any, dict]:
+                 opened: Any = None, baseline_cache: Path | None = None) -> tuple[Any, dict]:
     """Create (or reopen) the run, build the experiment, measure its baseline, fit, report, record.
 
     Returns ``(run, results)`` (``run`` is None on ranks other than 0, which neither report nor
     record). On failure the run is marked failed (traceback in error.txt) and the exception
     propagates; on Ctrl-C it is marked interrupted (resume it with ``--resume RUN_DIR``).
-    ``opened``: a run already opened by this process, trained from step 0 in its own dir."""
+    ``opened``: a run already opened by this process, trained from step 0 in its own dir;
+    ``baseline_cache``: baselines shared with other runs (``measure_baseline``)."""
     from loralab.engine.trainer import fit  # lazily: the trainer pulls in torch
 
     from loralab.engine.trainer import NonFiniteLossError, NonFiniteMetricError
@@ -278,7 +305,8 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, run_dir: str 
         built = experiment.build(cfg)
         dtype = set_precision(cfg, built, path if run is not None else None)
         with _compute(dtype, built):
-            built.baseline = measure_baseline(experiment, built, path if run is not None else None)
+            built.baseline = measure_baseline(experiment, built, path if run is not None else None,
+                                              baseline_cache, baseline_key(cfg, dtype))
         fit_result = fit(built.model, built.task, cfg.train, run_dir=path, resume=resume is not None,
                          compute_dtype=dtype)
         if getattr(fit_result, "status", None) == "interrupted":
@@ -338,7 +366,7 @@ def evaluate(cfg: RunConfig, adapter: str | Path | None, allow_fresh_head: bool 
     return run, results
 
 
-def run_at(cfg: RunConfig, run_dir: str | Path) -> tuple[Any, dict]:
+def run_at(cfg: RunConfig, run_dir: str | Path, baseline_cache: Path | None = None) -> tuple[Any, dict]:
     """Run ``cfg`` in exactly ``run_dir``: create it, or finish it if a previous process left it.
 
     Completed: nothing runs, its results are returned. Interrupted with a checkpoint: resumed exactly.
@@ -349,17 +377,17 @@ def run_at(cfg: RunConfig, run_dir: str | Path) -> tuple[Any, dict]:
 
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
-        return run_training(cfg, run_dir=run_dir)
+        return run_training(cfg, run_dir=run_dir, baseline_cache=baseline_cache)
     check_resumable(load_config(run_dir / "config.yaml"), cfg)
     results = run_dir / "results.json"
     if results.is_file() and (run_dir.parent / REGISTRY).is_file() \
             and get_run(run_dir.parent, run_dir.name).status == "completed":
         return open_run(run_dir), json.loads(results.read_text())
     if latest_checkpoint(run_dir / "checkpoints") is not None:
-        return run_training(cfg, resume=run_dir)
+        return run_training(cfg, resume=run_dir, baseline_cache=baseline_cache)
     run = open_run(run_dir)
     run.mark_running()  # refuses a dir another live process still runs
     for stale in ("metrics.jsonl", BASELINE_FILE, "error.txt", "fit.json"):
         (run_dir / stale).unlink(missing_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    return run_training(cfg, opened=run)
+    return run_training(cfg, opened=run, baseline_cache=baseline_cache)

@@ -7,7 +7,8 @@ The grid is the cartesian product of the comma-separated keys (a list-typed key 
 values: ``lora.target_modules=[q,v],[q,k,v]``), times the seeds (``train.seed``). Each point-seed is
 an ordinary run dir ``DIR/runs/<key-value...>-s<seed>`` (registry ``DIR/runs/runs.sqlite``), trained in
 its own process (``loralab train --run-dir``), so rerunning the same command skips completed runs and
-resumes interrupted ones. ``--jobs N`` runs N at once and gives each ``cpu_count // N`` threads.
+resumes interrupted ones. Runs that differ only in method or recipe share their un-adapted baseline
+(measured once, kept in ``DIR/baselines``; ``engine.runner.measure_baseline``). ``--jobs N`` runs N at once and gives each ``cpu_count // N`` threads.
 After every finished run ``DIR/sweep.json`` and ``DIR/sweep.md`` are rewritten (atomically):
 
     {"preset", "fixed", "grid", "seeds", "main_metric", "greater_is_better",
@@ -262,7 +263,8 @@ def run_sweep(out: str | Path, preset: str | None, items: list[str], seeds: list
                 continue
             argv = [sys.executable, "-m", "loralab", "train", *([config] if config else []),
                     *(["--preset", preset] if preset else []), *(f"{k}={v}" for k, v in {**fixed, **point}.items()),
-                    f"train.seed={seed}", "train.quiet=true", "--run-dir", str(run_dir)]
+                    f"train.seed={seed}", "train.quiet=true", "--run-dir", str(run_dir),
+                    "--baseline-cache", str(out / "baselines")]
             todo.append((run_dir, argv))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     failed = []

@@ -107,6 +107,9 @@ class E2EExperiment:
     name: ClassVar[str] = "e2e"
     data_config: ClassVar[type] = E2EData
     sections: ClassVar[tuple[str, ...]] = ("generate",)
+    shared_baseline: ClassVar[bool] = True
+    """The baseline is the un-adapted model on the evaluation set: runs of one sweep that differ only in
+    method or recipe measure it once (``engine.runner.measure_baseline``)."""
 
     @property
     def presets(self) -> dict[str, dict]:

@@ -130,6 +130,9 @@ class InstructExperiment:
     name: ClassVar[str] = "instruct"
     data_config: ClassVar[type] = InstructData
     sections: ClassVar[tuple[str, ...]] = ("generate",)
+    shared_baseline: ClassVar[bool] = True
+    """The baseline is the un-adapted model on the evaluation set: runs of one sweep that differ only in
+    method or recipe measure it once (``engine.runner.measure_baseline``)."""
 
     @property
     def presets(self) -> dict[str, dict]:
