@@ -14,7 +14,9 @@ Variants, each in the same process, interleaved round by round (the order rotate
   loralab_bf16     -- the same with the copy in bf16 (``generate.dtype=auto`` on this CPU)
   greedy_peft_hf / greedy_loralab_bf16 -- num_beams = 1, tokens/s
 
-Reported: seconds per MR per round (median, min, max of ``--rounds``), the speed-up of loralab bf16 over
+Reported: seconds per MR per round (median, min, max of ``--rounds``); the GEMM floor (the bf16 decode's
+step matmuls alone, timed for the rows it actually stepped: no decoder of this model beats it on this
+CPU) and loralab bf16's ratio to it; the speed-up of loralab bf16 over
 peft_hf_fp32 (median of within-round ratios), and how many MRs give the same string as peft_hf_fp32:
 loralab_fp32 (the semantics check: expected all but float32 rounding ties) and loralab_bf16 (bf16 is not
 expected to match every string); the differing MRs are listed. Targets (issue #15): loralab bf16
@@ -90,6 +92,57 @@ def _decode(model, tokenizer, mrs, gen) -> tuple[list[str], float, int]:
     return [clean_output(tokenizer.decode(r, skip_special_tokens=True)) for r in rows], seconds, sum(map(len, rows))
 
 
+def _rows_per_step(decode) -> list[int]:
+    """Run ``decode()`` with loralab's Llama decoding step counted: the rows (beams) of every step."""
+    from loralab.tasks.common.llama_step import LlamaStepper
+
+    real, rows = LlamaStepper.step, []
+
+    def counted(self, tokens, mask):
+        rows.append(len(tokens))
+        return real(self, tokens, mask)
+
+    LlamaStepper.step = counted
+    try:
+        decode()
+    finally:
+        LlamaStepper.step = real
+    return rows
+
+
+def _gemm_seconds(steps, rows: int, repeats: int = 5) -> float:
+    """The matmuls of one decoding step alone, for ``rows`` rows (per layer q|k|v, o, gate|up and down, then
+    the head), best of ``repeats``: the arithmetic floor of that step on this CPU."""
+    model = steps.model
+    hidden, inner = model.config.hidden_size, model.config.intermediate_size
+    dtype = model.lm_head.weight.dtype
+    x, g = torch.randn(rows, hidden, dtype=dtype), torch.randn(rows, inner, dtype=dtype)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i, layer in enumerate(model.model.layers):
+                x @ steps.w_qkv[i].T, x @ layer.self_attn.o_proj.weight.T, x @ steps.w_gu[i].T
+                g @ layer.mlp.down_proj.weight.T
+            x @ model.lm_head.weight.T
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_floor(ours, tokenizer, mrs, gen) -> dict:
+    """Seconds per MR that the bf16 decode's step matmuls alone take, for the rows it actually stepped
+    (prompts, attention, beam bookkeeping excluded): what no decoder of this model can beat here."""
+    from loralab.core.merged_copy import merged_copy
+    from loralab.tasks.common.llama_step import LlamaStepper
+
+    rows = _rows_per_step(lambda: _decode(ours, tokenizer, mrs, gen))
+    steps = LlamaStepper(merged_copy(ours, torch.bfloat16))
+    per_rows = {r: _gemm_seconds(steps, r) for r in sorted(set(rows))}
+    seconds = sum(per_rows[r] for r in rows)
+    return {"s_per_mr": seconds / len(mrs), "steps": len(rows), "mean_rows": statistics.mean(rows),
+            "step_gemm_ms_at_80_rows": 1e3 * (per_rows.get(80) or _gemm_seconds(steps, 80))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, help="a trained r=4 q,v adapter dir (PEFT format)")
@@ -125,6 +178,8 @@ def main() -> None:
             tokens[name].append(n_tokens)
             outputs.setdefault(name, out)
             print(f"round {r}: {name:22s} {seconds / len(mrs):.3f} s/MR ({n_tokens} tokens)", flush=True)
+    floor = gemm_floor(ours, tokenizer, mrs, variants["loralab_bf16"][1])
+    print(f"floor: the step matmuls alone take {floor['s_per_mr']:.3f} s/MR", flush=True)
     ref = outputs["peft_hf_fp32"]
 
     def same(name: str) -> dict:
@@ -140,6 +195,8 @@ def main() -> None:
         "s_per_mr": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in times.items()},
         "greedy_tokens_per_s": {k: statistics.median(n / (t * len(mrs)) for n, t in zip(tokens[k], times[k]))
                                 for k in ("greedy_peft_hf", "greedy_loralab_bf16")},
+        "gemm_floor": floor,
+        "bf16_over_gemm_floor": statistics.median(times["loralab_bf16"]) / floor["s_per_mr"],
         "bf16_over_peft": ratio,
         "fp32_over_peft": statistics.median(p / b for p, b in zip(times["peft_hf_fp32"], times["loralab_fp32"])),
         "strings_vs_peft_hf": {"loralab_fp32": same("loralab_fp32"), "loralab_bf16": same("loralab_bf16")},
@@ -154,7 +211,8 @@ def main() -> None:
     }
     out = ROOT / "bench" / "results" / ("decode_quick.json" if args.quick else "decode.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("s_per_mr", "greedy_tokens_per_s", "bf16_over_peft", "targets")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("s_per_mr", "greedy_tokens_per_s", "gemm_floor", "bf16_over_gemm_floor",
+                                            "bf16_over_peft", "targets")}, indent=2))
     print(f"wrote {out}")
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.tasks.common.steppers import GROW, _grow, positions
+from loralab.tasks.common.steppers import positions
 
 
 def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -77,58 +77,78 @@ class LlamaStepper:
         cache = DynamicCache(config=self.model.config)
         out = self.model.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=positions(attention_mask), past_key_values=cache, use_cache=True)
-        self.prompt_k = [layer.keys for layer in cache.layers]  # (examples, Hkv, P, D), rotated
+        self.prompt_k = [layer.keys for layer in cache.layers]  # (examples, Hkv, P, D), rotated; until step 1
         self.prompt_v = [layer.values for layer in cache.layers]
         self.prompt_pad = attention_mask == 0  # (examples, P)
-        self.gen_k: list[torch.Tensor] = []
-        self.gen_v: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []  # (rows, Hkv, max_len, D) per layer, made at the first step
+        self.values: list[torch.Tensor] = []
         # the head on the last position as a 2-D matmul: transformers' logits_to_keep=1 slices a 3-D view,
         # which torch runs as a batched matmul over a copy of the head per example (0.45 s per batch of 8)
         return self.model.lm_head(out.last_hidden_state[:, -1])
 
+    def _fill(self, rows: int) -> None:
+        """The per-row buffers: each example's prompt keys/values copied to its beams' rows (example-major)."""
+        beams, P = rows // self.prompt_pad.shape[0], self.prompt_pad.shape[1]
+        self.keys, self.values = [], []
+        for k, v in zip(self.prompt_k, self.prompt_v):
+            for prompt, store in ((k, self.keys), (v, self.values)):
+                buf = prompt.new_zeros(rows, self.Hkv, self.max_len, self.D)  # zeros: see step()
+                buf[:, :, :P] = prompt.repeat_interleave(beams, 0)
+                store.append(buf)
+        pad = self.prompt_pad.new_zeros(rows, self.max_len)
+        pad[:, :P] = self.prompt_pad.repeat_interleave(beams, 0)
+        self.pad = pad[:, None, None, :]  # (rows, 1, 1, max_len): True where a key is padding
+        self.positions = torch.arange(self.max_len, device=pad.device)
+        self.prompt_k = self.prompt_v = []
+
     def select(self, rows: torch.Tensor, examples: torch.Tensor) -> None:
-        if len(examples) != self.prompt_pad.shape[0]:  # done examples leave (examples: the ones that stay)
-            self.prompt_k = [k[examples] for k in self.prompt_k]
-            self.prompt_v = [v[examples] for v in self.prompt_v]
-            self.prompt_pad = self.prompt_pad[examples]
-        if self.gen_len:
-            self.gen_k = [k[rows] for k in self.gen_k]
-            self.gen_v = [v[rows] for v in self.gen_v]
+        if not self.keys:  # before the first step every beam's row is its example's one prompt row
+            if len(examples) != self.prompt_pad.shape[0]:
+                self.prompt_k = [k[examples] for k in self.prompt_k]
+                self.prompt_v = [v[examples] for v in self.prompt_v]
+                self.prompt_pad = self.prompt_pad[examples]
+            return
+        P, t = self.prompt_pad.shape[1], self.gen_len
+        if len(rows) != self.keys[0].shape[0] or len(examples) != self.prompt_pad.shape[0]:
+            # an example left: new, smaller buffers (its rows' prompt parts move too)
+            self.keys = [_take(buf, rows, P + t) for buf in self.keys]
+            self.values = [_take(buf, rows, P + t) for buf in self.values]
+            self.pad, self.prompt_pad = self.pad[rows], self.prompt_pad[examples]
+            return
+        for buf in (*self.keys, *self.values):  # parents share the prompt: move the generated part only
+            buf[:, :, P:P + t] = buf[rows, :, P:P + t]
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         m, H, Hkv, D = self.model.model, self.H, self.Hkv, self.D
-        R, b, P = len(tokens), self.prompt_pad.shape[0], self.prompt_pad.shape[1]
-        G, K, t = H // Hkv, R // b, self.gen_len  # rows: b examples x K beams
+        R, P, t = len(tokens), self.prompt_pad.shape[1], self.gen_len
+        G, end = H // Hkv, P + t + 1
+        if not self.keys:
+            self._fill(R)
         h = m.embed_tokens(tokens)
         cos, sin = m.rotary_emb(h, (attention_mask.sum(-1, keepdim=True) - 1))
         cos, sin = cos[:, 0, None], sin[:, 0, None]  # (R, 1, D): broadcast over heads
-        pad = torch.cat((self.prompt_pad.repeat_interleave(K, 0), self.prompt_pad.new_zeros(R, t + 1)), 1)
-        pad = pad[:, None, None, :]  # (R, 1, 1, P + t + 1)
-        if not self.gen_k:
-            shape = (R, Hkv, min(self.max_len, GROW), D)
-            self.gen_k = [h.new_empty(shape) for _ in m.layers]
-            self.gen_v = [h.new_empty(shape) for _ in m.layers]
+        # attention runs over the whole buffer, the unfilled tail masked (its zero values add nothing): a slice
+        # of it would make every batched matmul copy its operand first (~1/3 of a step's non-GEMM time)
+        masked = self.pad | (self.positions >= end)
         for i, layer in enumerate(m.layers):
             qkv = _rms(h, layer.input_layernorm) @ self.w_qkv[i].T
-            q = _rotate(qkv[:, :H * D].view(R, H, D), cos, sin)
-            k = _rotate(qkv[:, H * D:(H + Hkv) * D].view(R, Hkv, D), cos, sin)
-            v = qkv[:, (H + Hkv) * D:].view(R, Hkv, D)
-            self.gen_k[i] = gk = _grow(self.gen_k[i], t, t + 1, self.max_len)
-            self.gen_v[i] = gv = _grow(self.gen_v[i], t, t + 1, self.max_len)
-            gk[:, :, t], gv[:, :, t] = k, v
-            # prompt part: all K beams of an example against its one copy of the prompt keys
-            q_ex = q.view(b, K, Hkv, G, D).transpose(1, 2).reshape(b, Hkv, K * G, D)
-            s_prompt = (q_ex @ self.prompt_k[i].transpose(-1, -2)).view(b, Hkv, K, G, P).transpose(1, 2)
-            q_row = q.view(R, Hkv, G, D)
-            s_gen = q_row @ gk[:, :, :t + 1].transpose(-1, -2)  # (R, Hkv, G, t + 1)
-            scores = torch.cat((s_prompt.reshape(R, Hkv, G, P), s_gen), -1).float() * self.scaling
-            probs = scores.masked_fill_(pad, float("-inf")).softmax(-1).to(h.dtype)
-            p_ex = probs[..., :P].reshape(b, K, Hkv, G, P).transpose(1, 2).reshape(b, Hkv, K * G, P)
-            out = (p_ex @ self.prompt_v[i]).view(b, Hkv, K, G, D).transpose(1, 2).reshape(R, Hkv, G, D)
-            out = out + probs[..., P:] @ gv[:, :, :t + 1]
-            h = h + out.reshape(R, H * D) @ layer.self_attn.o_proj.weight.T
+            qk = _rotate(qkv[:, :(H + Hkv) * D].view(R, H + Hkv, D), cos, sin)  # q and k rotated at once
+            keys, values = self.keys[i], self.values[i]
+            keys[:, :, P + t] = qk[:, H:]
+            values[:, :, P + t] = qkv[:, (H + Hkv) * D:].view(R, Hkv, D)
+            scores = (qk[:, :H].view(R, Hkv, G, D) @ keys.transpose(-1, -2)).float() * self.scaling
+            probs = scores.masked_fill_(masked, float("-inf")).softmax(-1).to(h.dtype)  # (R, Hkv, G, max_len)
+            out = probs @ values  # (R, Hkv, G, D)
+            h = h + out.view(R, H * D) @ layer.self_attn.o_proj.weight.T
             gu = _rms(h, layer.post_attention_layernorm) @ self.w_gu[i].T
             inner = gu.shape[1] // 2
             h = h + (F.silu(gu[:, :inner]) * gu[:, inner:]) @ layer.mlp.down_proj.weight.T
         self.gen_len = t + 1
         return _rms(h, m.norm) @ self.model.lm_head.weight.T
+
+
+def _take(buf: torch.Tensor, rows: torch.Tensor, filled: int) -> torch.Tensor:
+    """Rows ``rows`` of a (rows, heads, capacity, dim) buffer, in a new buffer of the same capacity."""
+    out = buf.new_zeros(len(rows), *buf.shape[1:])
+    out[:, :, :filled] = buf[rows, :, :filled]
+    return out
