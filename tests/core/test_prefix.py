@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from loralab.core.prefix import (PrefixMPNetAttention, add_prefixes, merge_prefixes, merge_reparametrization,
-                                 prefix_count, prefix_modules)
+from loralab.core.prefix import (PrefixMPNetAttention, add_prefixes, init_prefixes_from_tokens, merge_prefixes,
+                                 merge_reparametrization, prefix_count, prefix_modules)
 from loralab.core.prefix_embed import add_prefix_embedding, merge_prefix_embedding
 from loralab.models.tiny import ARCHS, tiny_model
 
@@ -242,3 +242,50 @@ def test_prefixed_model_survives_deepcopy_and_pickle():
     buf.seek(0)
     for other in (twin, torch.load(buf, weights_only=False)):
         torch.testing.assert_close(other(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+
+def _tiny_mpnet():
+    import transformers
+    cfg = transformers.MPNetConfig(vocab_size=128, hidden_size=D, num_hidden_layers=L, num_attention_heads=4,
+                                   intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                   max_position_embeddings=130)
+    torch.manual_seed(0)
+    return transformers.MPNetModel(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "mpnet"])
+def test_prefixes_initialised_from_tokens_are_the_models_own_keys_and_values(arch):
+    """Li & Liang's init: each layer's prefixes equal the keys/values the un-prefixed model computes for
+    the tokens (decoders: its KV cache, RoPE applied; encoders: W_k h + b, W_v h + b of the layer's input)."""
+    ids = torch.tensor([7, 30, 11, 52])
+    model = _tiny_mpnet() if arch == "mpnet" else _model(arch, kind="causal_lm" if arch in ("llama", "gpt2") else "base")
+    if arch in ("llama", "gpt2"):
+        cache = model(input_ids=ids[None], use_cache=True).past_key_values
+        want = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+    else:
+        hidden = model(input_ids=ids[None], output_hidden_states=True).hidden_states
+        self_attn = [layer.attention.attn if arch == "mpnet" else layer.attention.self for layer in model.encoder.layer]
+        names = ("k", "v") if arch == "mpnet" else ("key", "value")
+        want = [tuple(getattr(a, n)(h)[0].view(len(ids), -1, 8).transpose(0, 1) for n in names)
+                for a, h in zip(self_attn, hidden)]
+    model.train()
+    add_prefixes(model, l_p=len(ids))
+    init_prefixes_from_tokens(model, ids)
+    assert model.training  # the mode is restored
+    got = [m.kv() for _, m in prefix_modules(model)]
+    assert len(got) == len(want) == L
+    for (gk, gv), (wk, wv) in zip(got, want):
+        torch.testing.assert_close(gk, wk, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(gv, wv, atol=1e-6, rtol=1e-5)
+        assert gk.requires_grad and gk.abs().max() > 0.1  # trainable, and not the small random init
+    # the model now attends to those prefixes (the capture left no trace on the forward)
+    out = model.eval()(**_batch())
+    assert torch.isfinite(out[0]).all()
+    with pytest.raises(ValueError, match="exactly l_p = 4"):
+        init_prefixes_from_tokens(model, ids[:3])
+    reparam = _model("llama", kind="causal_lm")
+    add_prefixes(reparam, l_p=2, reparam=True, reparam_dim=8, reparam_hidden=8)
+    with pytest.raises(ValueError, match="reparametrisation"):
+        init_prefixes_from_tokens(reparam, ids[:2])
+    with pytest.raises(ValueError, match="no prefixes"):
+        init_prefixes_from_tokens(_model("gpt2"), ids)

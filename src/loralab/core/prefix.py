@@ -130,7 +130,9 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     """The registered attention function: [prefix; K], [prefix; V], extended mask, then the base function."""
     base = _base_attention(module)
     prefix = getattr(module, ATTR, None)
-    if prefix is None:
+    if prefix is None or _CAPTURE is not None:
+        if prefix is not None:  # init_prefixes_from_tokens: record this layer's real keys/values, no prefix
+            _CAPTURE[prefix.layer_idx] = (key[0], value[0])
         return base(module, query, key, value, attention_mask, **kwargs)
     pk, pv = prefix.kv()
     b, q_len, k_len = key.shape[0], query.shape[2], key.shape[2]
@@ -154,6 +156,10 @@ class PrefixMPNetAttention(nn.Module):
                 position_bias: torch.Tensor | None = None, output_attentions: bool = False, **kwargs: Any) -> tuple:
         base, (pk, pv) = self.base_layer, self.loralab_prefix.kv()
         b, t, hd = hidden_states.shape[0], hidden_states.shape[1], base.attention_head_size
+        if _CAPTURE is not None:  # init_prefixes_from_tokens: the layer's own keys/values, no prefix
+            _CAPTURE[self.loralab_prefix.layer_idx] = tuple(
+                getattr(base, n)(hidden_states).view(b, t, -1, hd).transpose(1, 2)[0] for n in "kv")
+            return base(hidden_states, attention_mask, position_bias, output_attentions, **kwargs)
         q, k, v = (getattr(base, n)(hidden_states).view(b, t, -1, hd).transpose(1, 2) for n in "qkv")
         k = torch.cat([pk.to(k.dtype)[None].expand(b, -1, -1, -1), k], dim=2)
         v = torch.cat([pv.to(v.dtype)[None].expand(b, -1, -1, -1), v], dim=2)
@@ -222,6 +228,41 @@ def add_prefixes(model: nn.Module, l_p: int = 10, reparam: bool = False, reparam
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"n_layers": len(attns), "d_kv": n_kv * head_dim, "l_p": l_p,
             "path": "mpnet-wrapper" if inline else "attention-function", "count": count}
+
+
+_CAPTURE: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+"""Set only inside ``init_prefixes_from_tokens``: each layer's real keys/values, by layer index."""
+
+
+@torch.no_grad()
+def init_prefixes_from_tokens(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """Li & Liang's initialisation from real words' activations: every layer's prefixes become the keys
+    and values the frozen model itself computes for the l_p tokens ``input_ids`` (1-D) at positions
+    0..l_p-1 (Llama: after RoPE), P_K^i = (X W_K^i)[0:l_p], P_V^i = (X W_V^i)[0:l_p]. The prefixes then start
+    as the model's own activations for a real text, not as random keys that every query attends to."""
+    global _CAPTURE
+    mods = prefix_modules(model)
+    if not mods:
+        raise ValueError("the model has no prefixes: apply prefix_layer (add_prefixes) first")
+    if getattr(model, REPARAM_ATTR, None) is not None:
+        raise ValueError("prefixes computed by the reparametrisation MLP cannot be set from tokens: "
+                         "initialise plain prefixes (prefix_reparam off)")
+    l_p = mods[0][1].l_p
+    if input_ids.dim() != 1 or len(input_ids) != l_p:
+        raise ValueError(f"init_prefixes_from_tokens needs exactly l_p = {l_p} token ids (1-D), got shape "
+                         f"{tuple(input_ids.shape)}")
+    was_training, _CAPTURE = model.training, {}
+    try:
+        model.eval()
+        model(input_ids=input_ids[None].to(next(model.parameters()).device))
+        captured = _CAPTURE
+    finally:
+        _CAPTURE = None
+        model.train(was_training)
+    for _, kv in mods:
+        k, v = captured[kv.layer_idx]
+        kv.key.copy_(k.to(kv.key.dtype))
+        kv.value.copy_(v.to(kv.value.dtype))
 
 
 def prefix_modules(model: nn.Module) -> list[tuple[str, PrefixKV]]:

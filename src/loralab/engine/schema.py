@@ -111,6 +111,10 @@ class LoraSection(Section):
     prefix_reparam: bool = False
     """prefix_layer: compute the prefixes with Li & Liang's MLP, P = MLP(P') (merged into plain prefixes
     when saved); off: the prefixes are trained directly."""
+    prefix_init_text: str | None = None
+    """prefix_layer: initialise the prefixes from the keys and values the frozen model computes for this
+    text's first l_p tokens (repeated when shorter), Li & Liang's init from real words' activations, e.g.
+    "table-to-text:"; None: random N(0, 0.02^2). Not with prefix_reparam (the MLP computes them)."""
     prefix_reparam_dim: int = 512
     """prefix_layer with prefix_reparam: the width e of the reparametrisation's embedding P' (l_p x e)."""
     prefix_reparam_hidden: int = 512
@@ -129,13 +133,14 @@ class LoraSection(Section):
         "adapter_l": ("method", "r", "adapter_activation", "modules_to_save", "init_from"),
         "adapter_p": ("method", "r", "adapter_activation", "modules_to_save", "init_from"),
         "prefix_layer": ("method", "prefix_length", "prefix_reparam", "prefix_reparam_dim", "prefix_reparam_hidden",
-                         "modules_to_save", "init_from"),
+                         "prefix_init_text", "modules_to_save", "init_from"),
         "prefix_embed": ("method", "prefix_length", "infix_length", "modules_to_save", "init_from"),
         "ft_top2": ("method", "top_layers", "modules_to_save", "init_from"),
     }
     """The fields each method reads (the experiments read ``modules_to_save`` as the head with every method)."""
     READ_IF: ClassVar[dict[str, tuple[str, Any]]] = {"prefix_reparam_dim": ("prefix_reparam", True),
-                                                     "prefix_reparam_hidden": ("prefix_reparam", True)}
+                                                     "prefix_reparam_hidden": ("prefix_reparam", True),
+                                                     "prefix_init_text": ("prefix_reparam", False)}
     """Fields read only when another field has a value: {field: (other field, value)}."""
 
     def method_reads(self, name: str) -> bool:
@@ -154,6 +159,8 @@ class LoraSection(Section):
         require(e, v["prefix_length"] >= (1 if v["method"] == "prefix_layer" else 0), "prefix_length",
                 f"must be >= {1 if v['method'] == 'prefix_layer' else 0}, got {v['prefix_length']}")
         require(e, v["infix_length"] >= 0, "infix_length", f"must be >= 0, got {v['infix_length']}")
+        require(e, v["prefix_init_text"] is None or not v["init_from"] or v["method"] != "prefix_layer",
+                "prefix_init_text", "is set beside lora.init_from: a warm start loads its prefixes; remove one of them")
         require(e, v["method"] != "prefix_embed" or v["prefix_length"] + v["infix_length"] >= 1, "infix_length",
                 "prefix_embed needs lora.prefix_length + lora.infix_length >= 1")
         if e:

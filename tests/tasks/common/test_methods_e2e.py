@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from loralab.core.prefix import prefix_modules
 from loralab.engine.config import load_config
 from loralab.engine.runner import run_training
 from loralab.models.tiny import tiny_model, tiny_tokenizer
@@ -108,6 +109,26 @@ def test_prefix_layer_baseline_decodes_the_base_model(tmp_path, zoo, scored):
     assert e2e_generate.generate_outputs(built.model, tok, mrs, cfg.generate) != base
     EXP.baseline(built)
     assert scored[-1] == base
+
+
+def test_prefix_init_text_starts_the_prefixes_at_the_models_own_activations(tmp_path, zoo):
+    """lora.prefix_init_text: the text's tokens, cycled to l_p, through the frozen model; each layer's prefixes
+    are its KV cache for them. With the reparametrisation or a warm start it is refused, naming the fix."""
+    from loralab.engine.typed_config import ConfigError
+
+    cfg = _cfg(tmp_path, "lora.method=prefix_layer", "lora.prefix_length=5", "lora.prefix_init_text=ab c")
+    built = EXP.build(cfg)
+    tokens = built.state["method"]["prefix_init"]["tokens"]
+    ids = tiny_tokenizer("llama")("ab c", add_special_tokens=False)["input_ids"]
+    assert len(ids) < 5 and tokens == [ids[i % len(ids)] for i in range(5)]
+    cache = tiny_model("llama", "causal_lm")(input_ids=torch.tensor([tokens]), use_cache=True).past_key_values
+    for (_, kv), layer in zip(prefix_modules(built.model), cache.layers, strict=True):
+        torch.testing.assert_close(kv.key, layer.keys[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kv.value, layer.values[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="read only with lora.prefix_reparam=false"):
+        _cfg(tmp_path, "lora.method=prefix_layer", "lora.prefix_reparam=true", "lora.prefix_init_text=ab")
+    with pytest.raises(ConfigError, match="beside lora.init_from"):
+        _cfg(tmp_path, "lora.method=prefix_layer", "lora.prefix_init_text=ab", f"lora.init_from={tmp_path}")
 
 
 def test_e2e_refuses_prefix_embed_with_the_reason(tmp_path, zoo):

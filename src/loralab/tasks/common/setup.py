@@ -81,10 +81,11 @@ def qv_targets(model: nn.Module, lora: Any) -> tuple[list[str] | str | None, dic
 
 
 def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] | None = None,
-                 base_model_name: str | None = None) -> dict[str, Any]:
+                 base_model_name: str | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Set what trains (in place) per the run's ``lora`` section; return {"method", "trainable", "total",
     "by_kind" (``core.methods.count_by_kind``), "heads", ...} (+ "warm_start", the LoRA settings, or a core
-    method's "settings" and "formula": its count terms, e.g. adapters' "paper" count). ``heads`` always train."""
+    method's "settings" and "formula": its count terms, e.g. adapters' "paper" count). ``heads`` always train.
+    ``tokenizer``: the model's, for ``lora.prefix_init_text`` (an experiment that passes none refuses it)."""
     method = lora.method
     if method not in METHODS:
         raise ValueError(f"lora.method must be one of {METHODS}, got {method!r}")
@@ -101,6 +102,8 @@ def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] |
             model.get_submodule(name).requires_grad_(True)
     elif method in CORE_METHODS:
         info.update(_apply_core(model, lora, heads))
+        if method == "prefix_layer" and lora.prefix_init_text is not None:
+            info["prefix_init"] = _init_prefixes(model, lora, tokenizer)
     elif lora.init_from:
         info["warm_start"] = warm_start(model, lora.init_from, heads)
     else:
@@ -119,6 +122,25 @@ def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] |
     log(f"{method}: trainable {info['trainable']:,} of {info['total']:,} parameters "
         f"({100 * info['trainable'] / max(1, info['total']):.3f}%)")
     return info
+
+
+def _init_prefixes(model: nn.Module, lora: Any, tokenizer: Any) -> dict[str, Any]:
+    """``lora.prefix_init_text``'s tokens, cycled to l_p, through ``core.prefix.init_prefixes_from_tokens``."""
+    import torch
+
+    from loralab.core.prefix import init_prefixes_from_tokens
+
+    text = lora.prefix_init_text
+    if tokenizer is None:
+        raise ValueError("lora.prefix_init_text: this experiment gives no tokenizer to tokenize it with; remove it")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"lora.prefix_init_text={text!r} has no tokens; give a non-empty text")
+    tokens = [ids[i % len(ids)] for i in range(lora.prefix_length)]
+    init_prefixes_from_tokens(model, torch.tensor(tokens))
+    log(f"prefix_layer: prefixes initialised from the activations of {text!r} ({len(ids)} tokens, cycled to "
+        f"l_p = {lora.prefix_length})")
+    return {"text": text, "tokens": tokens}
 
 
 def method_settings(lora: Any) -> dict[str, Any]:

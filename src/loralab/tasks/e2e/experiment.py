@@ -134,7 +134,8 @@ class E2EExperiment:
         model, tokenizer = load_from_config(cfg.model, kind="causal_lm")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2: padding is masked out of loss and attention
-        info = apply_method(model, cfg.lora, "CAUSAL_LM", list(cfg.lora.modules_to_save or []), cfg.model.name)
+        info = apply_method(model, cfg.lora, "CAUSAL_LM", list(cfg.lora.modules_to_save or []), cfg.model.name,
+                            tokenizer)
         spec = make_task_spec(tokenizer, train, eval_rows, cfg.data.max_length, max(16, cfg.train.batch_size))
         _log(f"{len(train)} training rows; evaluation: {len(mrs)} MRs with {sum(map(len, refs))} references")
         return Built(model, spec, {"cfg": cfg, "tokenizer": tokenizer, "mrs": mrs, "refs": refs, "method": info})

@@ -243,7 +243,8 @@ class GlueExperiment:
         if cfg.lora.method == "prefix_embed":
             inserted = cfg.lora.prefix_length + cfg.lora.infix_length
             check_inserted_tokens_fit(model, tokenizer, cfg.data.max_length, inserted)
-        info = apply_method(model, cfg.lora, "SEQ_CLS", heads_for(model, cfg.lora.modules_to_save), cfg.model.name)
+        info = apply_method(model, cfg.lora, "SEQ_CLS", heads_for(model, cfg.lora.modules_to_save), cfg.model.name,
+                            tokenizer)
         spec, eval_sets = make_task_spec(task, tokenizer, train, evals, cfg.data.max_length,
                                          eval_batch_size=max(32, cfg.train.batch_size))
         _log(f"{task.dir_name}: {len(train)} train examples, dev sets "

@@ -154,7 +154,8 @@ class InstructExperiment:
         train_c, held_c = (to_conversations(r, fmt, system, mode) for r in (train_recs, held_recs))
         torch.manual_seed(cfg.train.seed)  # LoRA A init
         model, tokenizer = load_from_config(cfg.model, kind="causal_lm")
-        info = apply_method(model, cfg.lora, "CAUSAL_LM", list(cfg.lora.modules_to_save or []), cfg.model.name)
+        info = apply_method(model, cfg.lora, "CAUSAL_LM", list(cfg.lora.modules_to_save or []), cfg.model.name,
+                            tokenizer)
         stats: dict[str, Any] = {}
         train = examples_for(cfg, tokenizer, train_c, cfg.data.packing, stats)
         held = examples_for(cfg, tokenizer, held_c, False)
