@@ -12,8 +12,8 @@ Per example, with K beams, V tokens, g tokens generated so far and running score
 The arithmetic (the -1e9 masks, the order of every topk) is transformers' own, so in float32 both give the
 same tokens (tested). What differs is the cost: the prompt runs once per example, not once per beam; a
 done example leaves the batch and its rows leave the cache at once; the model steps through
-``steppers`` (a preallocated cache; for Llama models the prompt's keys shared by the beams); the n-gram
-check is one vectorised comparison.
+``steppers`` (a preallocated cache; for Llama models a static per-row buffer whose prompt part is never
+reordered); the n-gram check is one vectorised comparison.
 """
 
 from __future__ import annotations

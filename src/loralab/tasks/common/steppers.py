@@ -8,8 +8,9 @@ dropped) and ``step(tokens, mask)`` (the next logits of every row, one new token
 * ``HFStepper``: any transformers causal LM through its own forward, with a preallocated cache
   (``StaticRowLayer``: no concatenation per step).
 * ``LlamaStepper``: the Llama family (SmolLM2) computed here, token by token, from the model's weights:
-  q|k|v and gate|up as one matmul each, and the prompt's keys and values kept once per example and
-  shared by its beams (only the generated part is per beam and reordered). Per layer, for a new token x
+  q|k|v and gate|up as one matmul each, one static key/value buffer per row whose prompt part is
+  written once (a beam's parent is a beam of the same example: a reorder moves only the generated
+  part). Per layer, for a new token x
   at position p (RMSNorm, RoPE, grouped-query attention over prompt + generated keys, SwiGLU)::
 
       h = x + W_o attn(rope(W_q n(x), p), [K_prompt; K_gen], [V_prompt; V_gen])
