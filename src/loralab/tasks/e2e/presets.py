@@ -32,13 +32,16 @@ PAPER = {
 CPU_METHODS: dict[str, tuple[float, dict]] = {
     # the paper's E2E competitors at the e2e-cpu budget: (lr, the method's own settings)
     "adapter_h": (1e-3, {"lora.r": 8}), "adapter_l": (1e-3, {"lora.r": 8}),
-    "prefix_layer": (1e-2, {"lora.prefix_length": 10}), "ft_top2": (2e-3, {"lora.top_layers": 2}),
+    "prefix_layer": (1e-2, {"lora.prefix_length": 10, "lora.prefix_init_text": "table-to-text:"}),
+    "ft_top2": (2e-3, {"lora.top_layers": 2}),
     "full": (5e-5, {}),
 }
 """e2e-cpu-<method>: Adapter^H / Adapter^L (bottleneck r = 8), PreLayer (l_p = 10), FT^Top2 and full FT,
 with the learning rate each needs in a 25-step run (full-model updates far lower than added modules).
 FT^Top2 at 1e-4 stayed at the un-adapted model (BLEU 0.3, eval loss 2.48); measured on 20 test MRs, seed 0:
-lr 5e-4 gives BLEU 31.2 (loss 2.22), 2e-3 gives 34.1 (loss 2.21)."""
+lr 5e-4 gives BLEU 31.2 (loss 2.22), 2e-3 gives 34.1 (loss 2.21). PreLayer's prefixes start as the model's
+own keys/values for "table-to-text:" (Li & Liang's init; their table-to-text prompt): measured the same way,
+BLEU 50.1 (eval loss 1.81) against 6.8 (2.49) from the random N(0, 0.02^2) init."""
 
 
 def all_presets() -> dict[str, dict]:
