@@ -102,7 +102,7 @@ def apply_method(model: nn.Module, lora: Any, task_type: str, heads: list[str] |
             model.get_submodule(name).requires_grad_(True)
     elif method in CORE_METHODS:
         info.update(_apply_core(model, lora, heads))
-        if method == "prefix_layer" and lora.prefix_init_text is not None:
+        if method == "prefix_layer" and not lora.prefix_reparam and lora.prefix_init_text is not None:
             info["prefix_init"] = _init_prefixes(model, lora, tokenizer)
     elif lora.init_from:
         info["warm_start"] = warm_start(model, lora.init_from, heads)
