@@ -59,6 +59,8 @@ def test_every_key_is_read_by_some_run(tiny_dirs, tmp_path, monkeypatch):
          "data.eval_samples=4", "lora.method=prefix_layer", "lora.prefix_length=2", "lora.prefix_reparam=true",
          "lora.prefix_reparam_dim=4", "lora.prefix_reparam_hidden=4"],
         ["experiment=glue", f"model.name={tiny_dirs['bert']}", "data.task=rte", "data.train_samples=8",
+         "data.eval_samples=4", "lora.method=prefix_layer", "lora.prefix_length=2", "lora.prefix_init_text=ab"],
+        ["experiment=glue", f"model.name={tiny_dirs['bert']}", "data.task=rte", "data.train_samples=8",
          "data.eval_samples=4", "data.max_length=64", "lora.method=prefix_embed", "lora.prefix_length=1",
          "lora.infix_length=2"],
         ["experiment=e2e", f"model.name={tiny_dirs['llama']}", "data.train_samples=4", "data.eval_samples=1",
