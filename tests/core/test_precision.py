@@ -48,3 +48,30 @@ def test_compute_context():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with compute_context(torch.float32):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bitfit_in_bf16_keeps_each_layernorm_in_one_dtype_and_runs():
+    """BitFit trains LayerNorm biases: cast_frozen keeps such a LayerNorm's frozen weight in float32 beside
+    its trainable bias (layer_norm needs one dtype for both; autocast does not cast them), the big frozen
+    weights still go to bf16, and the forward and backward under bf16 autocast run and match float32."""
+    import torch
+
+    from loralab.core.methods import apply_method
+    from loralab.core.precision import cast_frozen, compute_context
+    from loralab.models.tiny import tiny_model
+
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    ref = tiny_model("bert", "seq_cls", seed=0)
+    apply_method(ref, "bitfit", head=["classifier"])
+    want = ref(input_ids=ids).logits
+    model = tiny_model("bert", "seq_cls", seed=0)
+    apply_method(model, "bitfit", head=["classifier"])
+    cast_frozen(model, torch.bfloat16)
+    norm = model.bert.encoder.layer[0].output.LayerNorm
+    assert norm.bias.requires_grad and norm.weight.dtype == norm.bias.dtype == torch.float32
+    assert model.bert.encoder.layer[0].output.dense.weight.dtype == torch.bfloat16
+    with compute_context(torch.bfloat16):
+        logits = model(input_ids=ids).logits
+    logits.float().sum().backward()
+    assert norm.bias.grad is not None and torch.isfinite(norm.bias.grad).all()
+    torch.testing.assert_close(logits.float(), want, atol=0.05, rtol=0.05)  # bf16 rounding only

@@ -57,15 +57,19 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
     """Store frozen floating-point parameters in ``dtype`` and trainable ones in float32 (in place).
 
     Returns the number of parameters (elements) cast each way. float64 parameters are left as they are
-    (a float64 model is a reference computation, not a speed setting)."""
+    (a float64 model is a reference computation, not a speed setting). A normalisation layer with a
+    trainable parameter (BitFit's LayerNorm bias) keeps its frozen ones in float32 too: autocast does not
+    cast layer_norm's weight and bias, which must share one dtype (its input may still be bf16)."""
     counts = {"frozen_cast": 0, "trainable_float32": 0}
+    keep = {id(p) for m in model.modules() if type(m).__name__.endswith("Norm")
+            and any(q.requires_grad for q in m.parameters(recurse=False)) for p in m.parameters(recurse=False)}
     for p in model.parameters():
         if not p.is_floating_point() or p.dtype == torch.float64:
             continue
-        if p.requires_grad and p.dtype != torch.float32:
+        if (p.requires_grad or id(p) in keep) and p.dtype != torch.float32:
             p.data = p.data.float()
             counts["trainable_float32"] += p.numel()
-        elif not p.requires_grad and p.dtype != dtype:
+        elif not p.requires_grad and id(p) not in keep and p.dtype != dtype:
             p.data = p.data.to(dtype)
             counts["frozen_cast"] += p.numel()
     return counts
