@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -207,8 +208,9 @@ def set_precision(cfg: RunConfig, built: Built, run_dir: Path | None) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON through a temporary file renamed into place."""
-    tmp = path.with_suffix(".tmp")
+    """Write ``obj`` as indented JSON through a temporary file renamed into place (one per process: two
+    sweep jobs may write the same shared baseline at once)."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)
 

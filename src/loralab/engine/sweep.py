@@ -8,7 +8,8 @@ values: ``lora.target_modules=[q,v],[q,k,v]``), times the seeds (``train.seed``)
 an ordinary run dir ``DIR/runs/<key-value...>-s<seed>`` (registry ``DIR/runs/runs.sqlite``), trained in
 its own process (``loralab train --run-dir``), so rerunning the same command skips completed runs and
 resumes interrupted ones. Runs that differ only in method or recipe share their un-adapted baseline
-(measured once, kept in ``DIR/baselines``; ``engine.runner.measure_baseline``). ``--jobs N`` runs N at once and gives each ``cpu_count // N`` threads.
+(measured once, kept in ``DIR/baselines``; ``engine.runner.measure_baseline``). ``--jobs N`` runs N at
+once and gives each ``cpu_count // N`` threads.
 After every finished run ``DIR/sweep.json`` and ``DIR/sweep.md`` are rewritten (atomically):
 
     {"preset", "fixed", "grid", "seeds", "main_metric", "greater_is_better",
