@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from loralab.models.tiny import tiny_model
-from loralab.tasks.common.beam import ban_repeated_ngrams, beam_search
+from loralab.tasks.common.beam import ban_repeated_ngrams, beam_search, greedy_search
 from loralab.tasks.common.llama_step import LlamaStepper
 from loralab.tasks.common.steppers import HFStepper, static_cache
 
@@ -97,6 +97,34 @@ def test_several_eos_ids_and_done_examples_leave_the_batch(cls, monkeypatch):
         shrank += rows_seen[-1] < rows_seen[1]
         assert ours == _hf(model, ids, mask, 3, 14, eos, 0.9, 2, 2)
     assert shrank, "no example finished before the others: the test did not exercise dropping"
+
+
+@pytest.mark.parametrize("arch,llama_stepper", [("llama", True), ("llama", False), ("gpt2", False)])
+def test_greedy_gives_transformers_greedy_tokens(arch, llama_stepper, monkeypatch):
+    """Greedy decoding (num_beams=1) on both steppers equals transformers' ``generate``; rows that
+    produced an EOS leave the batch (the stepper is asked for fewer rows), transformers keeps them."""
+    if not llama_stepper:
+        monkeypatch.setattr(LlamaStepper, "supports", staticmethod(lambda model: False))
+    eos = [EOS[arch], 7]
+    model, rng = _peaky(arch, seed=1, eos=tuple(eos)), random.Random(2)
+    cls = LlamaStepper if llama_stepper else HFStepper
+    rows_seen: list[int] = []
+    real = cls.step
+    monkeypatch.setattr(cls, "step", lambda self, ids, mask: rows_seen.append(len(ids)) or real(self, ids, mask))
+    lengths = []
+    for ngram, new in ((0, 12), (2, 16), (3, 10)):
+        for _ in range(2):
+            ids, mask = _batch(rng, 5, EOS[arch])
+            config = GenerationConfig(max_new_tokens=new, num_beams=1, do_sample=False, no_repeat_ngram_size=ngram,
+                                      eos_token_id=eos, pad_token_id=EOS[arch], repetition_penalty=1.0,
+                                      min_new_tokens=0, use_cache=True)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+            expected = [row[:next((j + 1 for j, t in enumerate(row) if t in eos), len(row))] for row in out.tolist()]
+            ours = greedy_search(model, ids, mask, new, eos, ngram)
+            assert ours == expected
+            lengths += [len(r) for r in ours]
+    assert min(lengths) < 6 and max(lengths) >= 12, sorted(lengths)  # some ended early, some ran to the limit
+    assert min(rows_seen) < 5, "no row left the batch: the test did not exercise dropping"
 
 
 def test_ngram_ban_equals_transformers_processor():

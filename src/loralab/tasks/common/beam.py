@@ -14,6 +14,10 @@ same tokens (tested). What differs is the cost: the prompt runs once per example
 done example leaves the batch and its rows leave the cache at once; the model steps through
 ``steppers`` (a preallocated cache; for Llama models a static per-row buffer whose prompt part is never
 reordered); the n-gram check is one vectorised comparison.
+
+``greedy_search`` is transformers' greedy decoding on the same steppers (argmax of the float32 logits
+after the n-gram ban); a row that has produced an EOS leaves the batch, where transformers keeps
+computing it and pads.
 """
 
 from __future__ import annotations
@@ -153,3 +157,37 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         log_probs = steps.step(flat[:, -1], mask).float().log_softmax(-1)
         log_probs = ban_repeated_ngrams(flat, log_probs, no_repeat_ngram_size).view(len(alive), K, vocab)
     return best
+
+
+@torch.no_grad()
+def greedy_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  eos_ids: Sequence[int], no_repeat_ngram_size: int = 0,
+                  on_step: Callable[[int], None] | None = None,
+                  steps: LlamaStepper | HFStepper | None = None) -> list[list[int]]:
+    """Each left-padded prompt row's new tokens, up to and including its first EOS: at every step the
+    argmax of the float32 logits once repeated n-grams are banned (``transformers``' greedy search).
+    ``on_step`` and ``steps`` as for ``beam_search``."""
+    device = input_ids.device
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+    steps = stepper(model) if steps is None else steps
+    logits = steps.prefill(input_ids, attention_mask, input_ids.shape[1] + max_new_tokens)
+    alive = torch.arange(len(input_ids), device=device)  # original index of each row still decoding
+    seqs, mask = input_ids, attention_mask.to(torch.long)
+    replies: list[list[int]] = [[] for _ in range(len(input_ids))]
+    for t in range(max_new_tokens):
+        token = ban_repeated_ngrams(seqs, logits.float(), no_repeat_ngram_size).argmax(-1)
+        for row, tok in zip(alive.tolist(), token.tolist()):
+            replies[row].append(tok)
+        if on_step is not None:
+            on_step(t + 1)
+        stay = ~torch.isin(token, eos)
+        if t + 1 == max_new_tokens or not bool(stay.any()):
+            break
+        if not bool(stay.all()):  # rows that ended leave the batch and the cache
+            keep = stay.nonzero()[:, 0]
+            steps.select(keep, keep)
+            alive, seqs, mask, token = alive[keep], seqs[keep], mask[keep], token[keep]
+        seqs = torch.cat((seqs, token[:, None]), 1)
+        mask = torch.cat((mask, mask.new_ones(len(alive), 1)), 1)
+        logits = steps.step(token, mask)
+    return replies

@@ -8,9 +8,9 @@ Two backends (``generate.backend``):
 
 * ``loralab`` (default): decode a merged copy of the model (``core.merged_copy``: each adapter folded
   into its weight in float32, then rounded once to ``generate.dtype``; the trained adapter stays
-  unmerged in the run). Beam search runs ``tasks.common.beam`` (transformers' semantics: in float32 the
-  same tokens; the prompt runs once per example, not once per beam, done examples leave the batch, a
-  preallocated cache); greedy decoding and sampling run transformers' ``generate`` on the copy. A model
+  unmerged in the run). Beam search and greedy decoding run ``tasks.common.beam`` (transformers'
+  semantics: in float32 the same tokens; the prompt runs once per example, not once per beam, done
+  examples leave the batch, a preallocated cache); sampling runs transformers' ``generate`` on the copy. A model
   whose method cannot be folded into weights (bottleneck adapters, prefixes) is decoded as it is.
 * ``transformers``: ``model.generate`` on the model as it is (the reference; a 4-bit base is dequantized
   once per call with ``cached_dequantize``, not once per new token).
@@ -64,8 +64,14 @@ def decode_options(gen: Any) -> dict[str, Any]:
     return {"backend": gen.backend, "dtype": gen.dtype}
 
 
-def _own_beam_search(config: Any) -> bool:
-    return config.num_beams > 1 and not config.do_sample and config.early_stopping is False
+def _own_search(config: Any) -> str | None:
+    """``beam`` or ``greedy`` where ``tasks.common.beam`` has transformers' semantics for ``config``
+    (no sampling, no logits processor but the n-gram ban), else None (``generate``)."""
+    if config.do_sample or (config.repetition_penalty or 1.0) != 1.0 or (config.min_new_tokens or 0) > 0:
+        return None
+    if config.num_beams > 1:
+        return "beam" if config.early_stopping is False else None
+    return "greedy"
 
 
 @torch.no_grad()
@@ -85,24 +91,24 @@ def generate_batched(model: nn.Module, prompts: Sequence[Sequence[int]], config:
     try:
         if backend == "loralab" and mergeable(model):
             decoder = merged_copy(model, dtype)
-            return _decode(decoder, prompts, config, pad_id, stop_ids, batch_size, bar, _own_beam_search(config))
+            return _decode(decoder, prompts, config, pad_id, stop_ids, batch_size, bar, _own_search(config))
         with cached_dequantize(model):
-            return _decode(model, prompts, config, pad_id, stop_ids, batch_size, bar, False)
+            return _decode(model, prompts, config, pad_id, stop_ids, batch_size, bar, None)
     finally:
         model.train(was_training)
 
 
 def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], config: Any, pad_id: int, stop_ids: Sequence[int],
-            batch_size: int, bar: Any, own_beams: bool) -> list[list[int]]:
-    from loralab.tasks.common.beam import beam_search, stepper
+            batch_size: int, bar: Any, own: str | None) -> list[list[int]]:
+    from loralab.tasks.common.beam import beam_search, greedy_search, stepper
 
     stops = set(stop_ids)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     device = next(model.parameters()).device
     replies: list[list[int]] = [[] for _ in prompts]
-    criteria = _tick_criteria(bar) if bar is not None and not own_beams else None
-    steps_of = stepper(model) if own_beams else None  # one per model, for every batch
+    criteria = _tick_criteria(bar) if bar is not None and not own else None
+    steps_of = stepper(model) if own else None  # one per model, for every batch
     taken = [0]  # steps the last beam search ran
 
     def tick(step: int) -> None:
@@ -115,9 +121,13 @@ def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], config: Any, pad
         width = max(len(prompts[i]) for i in idx)
         ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + list(prompts[i]) for i in idx], device=device)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
-        if own_beams:
+        if own == "beam":
             rows = beam_search(model, ids, mask, config.num_beams, config.max_new_tokens, eos, config.length_penalty,
                                config.no_repeat_ngram_size or 0, pad_id, on_step=tick, steps=steps_of)
+            steps = taken[0]
+        elif own == "greedy":
+            rows = greedy_search(model, ids, mask, config.max_new_tokens, eos, config.no_repeat_ngram_size or 0,
+                                 on_step=tick, steps=steps_of)
             steps = taken[0]
         else:
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
