@@ -16,7 +16,8 @@ Variants, each in the same process, interleaved round by round (the order rotate
 
 Reported: seconds per MR per round (median, min, max of ``--rounds``); the GEMM floor (the bf16 decode's
 step matmuls alone, timed for the rows it actually stepped: no decoder of this model beats it on this
-CPU) and loralab bf16's ratio to it; the speed-up of loralab bf16 over
+CPU) and loralab bf16's ratio to it; the floor of every matmul (those, the attention's q K^T and p V over
+the keys each step needs, and the prompts' forward matmuls) and the ratio to that; the speed-up of loralab bf16 over
 peft_hf_fp32 (median of within-round ratios), and how many MRs give the same string as peft_hf_fp32:
 loralab_fp32 (the semantics check: expected all but float32 rounding ties) and loralab_bf16 (bf16 is not
 expected to match every string); the differing MRs are listed. Targets (issue #15): loralab bf16
@@ -24,7 +25,8 @@ expected to match every string); the differing MRs are listed. Targets (issue #1
 
     python bench/decode.py --adapter RUN/adapter          # 3 rounds over 64 MRs: ~25 minutes on 2 cores
     python bench/decode.py --quick --adapter RUN/adapter  # 1 round, 8 MRs (a smoke run)
-Writes bench/results/decode.json (decode_quick.json with --quick).
+    python bench/decode.py --floor-only --adapter RUN/adapter  # loralab bf16 and the floor: ~5 minutes
+Writes bench/results/decode.json (decode_quick.json with --quick, decode_floor.json with --floor-only).
 """
 
 from __future__ import annotations
@@ -92,54 +94,84 @@ def _decode(model, tokenizer, mrs, gen) -> tuple[list[str], float, int]:
     return [clean_output(tokenizer.decode(r, skip_special_tokens=True)) for r in rows], seconds, sum(map(len, rows))
 
 
-def _rows_per_step(decode) -> list[int]:
-    """Run ``decode()`` with loralab's Llama decoding step counted: the rows (beams) of every step."""
+def _shapes(decode) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Run ``decode()`` with loralab's Llama stepper counted: (rows, keys attended) of every decoding step
+    (the keys a step needs: prompt + generated so far + the new one) and (examples, width) of every prompt."""
     from loralab.tasks.common.llama_step import LlamaStepper
 
-    real, rows = LlamaStepper.step, []
+    real_step, real_prefill, steps, prompts = LlamaStepper.step, LlamaStepper.prefill, [], []
 
     def counted(self, tokens, mask):
-        rows.append(len(tokens))
-        return real(self, tokens, mask)
+        steps.append((len(tokens), self.prompt_pad.shape[1] + self.gen_len + 1))
+        return real_step(self, tokens, mask)
 
-    LlamaStepper.step = counted
+    def counted_prefill(self, ids, mask, max_len):
+        prompts.append(tuple(ids.shape))
+        return real_prefill(self, ids, mask, max_len)
+
+    LlamaStepper.step, LlamaStepper.prefill = counted, counted_prefill
     try:
         decode()
     finally:
-        LlamaStepper.step = real
-    return rows
+        LlamaStepper.step, LlamaStepper.prefill = real_step, real_prefill
+    return steps, prompts
 
 
-def _gemm_seconds(steps, rows: int, repeats: int = 5) -> float:
-    """The matmuls of one decoding step alone, for ``rows`` rows (per layer q|k|v, o, gate|up and down, then
-    the head), best of ``repeats``: the arithmetic floor of that step on this CPU."""
-    model = steps.model
-    hidden, inner = model.config.hidden_size, model.config.intermediate_size
-    dtype = model.lm_head.weight.dtype
-    x, g = torch.randn(rows, hidden, dtype=dtype), torch.randn(rows, inner, dtype=dtype)
+def _best(run, repeats: int = 5) -> float:
     best = float("inf")
     with torch.no_grad():
         for _ in range(repeats):
             start = time.perf_counter()
-            for i, layer in enumerate(model.model.layers):
-                x @ steps.w_qkv[i].T, x @ layer.self_attn.o_proj.weight.T, x @ steps.w_gu[i].T
-                g @ layer.mlp.down_proj.weight.T
-            x @ model.lm_head.weight.T
+            run()
             best = min(best, time.perf_counter() - start)
     return best
 
 
+def _gemm_seconds(steps, rows: int, repeats: int = 5, head: bool = True) -> float:
+    """The weight matmuls of one decoding step alone, for ``rows`` rows (per layer q|k|v, o, gate|up and
+    down, then the head), best of ``repeats``: the arithmetic floor of that step on this CPU."""
+    model = steps.model
+    hidden, inner = model.config.hidden_size, model.config.intermediate_size
+    dtype = model.lm_head.weight.dtype
+    x, g = torch.randn(rows, hidden, dtype=dtype), torch.randn(rows, inner, dtype=dtype)
+
+    def run():
+        for i, layer in enumerate(model.model.layers):
+            x @ steps.w_qkv[i].T, x @ layer.self_attn.o_proj.weight.T, x @ steps.w_gu[i].T
+            g @ layer.mlp.down_proj.weight.T
+        if head:
+            x @ model.lm_head.weight.T
+    return _best(run, repeats)
+
+
+def _attention_seconds(steps, rows: int, keys: int) -> float:
+    """The attention matmuls of one decoding step alone (q K^T and p V per layer, bf16, over exactly the
+    ``keys`` positions the step needs, contiguous operands), best of 5."""
+    H, Hkv, D, layers = steps.H, steps.Hkv, steps.D, len(steps.model.model.layers)
+    dtype = steps.model.lm_head.weight.dtype
+    q, p = torch.randn(rows, Hkv, H // Hkv, D, dtype=dtype), torch.randn(rows, Hkv, H // Hkv, keys, dtype=dtype)
+    k, v = torch.randn(rows, Hkv, D, keys, dtype=dtype), torch.randn(rows, Hkv, keys, D, dtype=dtype)
+    return layers * _best(lambda: (q @ k, p @ v))
+
+
 def gemm_floor(ours, tokenizer, mrs, gen) -> dict:
-    """Seconds per MR that the bf16 decode's step matmuls alone take, for the rows it actually stepped
-    (prompts, attention, beam bookkeeping excluded): what no decoder of this model can beat here."""
+    """Seconds per MR that the bf16 decode's matmuls alone take (what no decoder of this model beats on this
+    CPU): the steps' weight matmuls for the rows it actually stepped, the attention matmuls over the keys
+    each step needs, and the prompts' weight matmuls (the prompt forward's tokens, padding included)."""
     from loralab.core.merged_copy import merged_copy
     from loralab.tasks.common.llama_step import LlamaStepper
 
-    rows = _rows_per_step(lambda: _decode(ours, tokenizer, mrs, gen))
+    shapes, prompts = _shapes(lambda: _decode(ours, tokenizer, mrs, gen))
+    rows = [r for r, _ in shapes]
     steps = LlamaStepper(merged_copy(ours, torch.bfloat16))
     per_rows = {r: _gemm_seconds(steps, r) for r in sorted(set(rows))}
-    seconds = sum(per_rows[r] for r in rows)
-    return {"s_per_mr": seconds / len(mrs), "steps": len(rows), "mean_rows": statistics.mean(rows),
+    step_seconds = sum(per_rows[r] for r in rows)
+    attention = sum(_attention_seconds(steps, r, k) for r, k in shapes)
+    prompt = sum(_gemm_seconds(steps, e * w, repeats=3, head=False) for e, w in prompts)
+    n = len(mrs)
+    return {"s_per_mr": step_seconds / n, "attention_s_per_mr": attention / n, "prompt_s_per_mr": prompt / n,
+            "all_matmuls_s_per_mr": (step_seconds + attention + prompt) / n,
+            "steps": len(rows), "mean_rows": statistics.mean(rows),
             "step_gemm_ms_at_80_rows": 1e3 * (per_rows.get(80) or _gemm_seconds(steps, 80))}
 
 
@@ -149,6 +181,8 @@ def main() -> None:
     parser.add_argument("--mrs", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="loralab bf16 (beam and greedy) and the matmul floor only -> decode_floor.json")
     args = parser.parse_args()
     if args.quick:
         args.mrs, args.rounds = 8, 1
@@ -165,6 +199,8 @@ def main() -> None:
         "greedy_peft_hf": (peft, _gen(backend="transformers", num_beams=1, no_repeat_ngram_size=0)),
         "greedy_loralab_bf16": (ours, _gen(dtype="bfloat16", num_beams=1, no_repeat_ngram_size=0)),
     }
+    if args.floor_only:
+        variants = {k: variants[k] for k in ("loralab_bf16", "greedy_loralab_bf16")}
     _decode(ours, tokenizer, mrs[:2], _gen(dtype="bfloat16", max_new_tokens=4))  # first-use costs, untimed
     times: dict[str, list[float]] = {k: [] for k in variants}
     tokens: dict[str, list[int]] = {k: [] for k in variants}
@@ -179,7 +215,22 @@ def main() -> None:
             outputs.setdefault(name, out)
             print(f"round {r}: {name:22s} {seconds / len(mrs):.3f} s/MR ({n_tokens} tokens)", flush=True)
     floor = gemm_floor(ours, tokenizer, mrs, variants["loralab_bf16"][1])
-    print(f"floor: the step matmuls alone take {floor['s_per_mr']:.3f} s/MR", flush=True)
+    print(f"floor: the step matmuls alone take {floor['s_per_mr']:.3f} s/MR, every matmul "
+          f"{floor['all_matmuls_s_per_mr']:.3f} s/MR", flush=True)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__}
+    if args.floor_only:
+        result = {"machine": machine, "settings": {**PAPER, "mrs": len(mrs), "rounds": args.rounds, "adapter": str(adapter)},
+                  "s_per_mr": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in times.items()},
+                  "greedy_tokens_per_s": statistics.median(n / (t * len(mrs)) for n, t in
+                                                           zip(tokens["greedy_loralab_bf16"], times["greedy_loralab_bf16"])),
+                  "gemm_floor": floor,
+                  "bf16_over_all_matmuls": statistics.median(times["loralab_bf16"]) / floor["all_matmuls_s_per_mr"]}
+        out = ROOT / "bench" / "results" / ("decode_floor_quick.json" if args.quick else "decode_floor.json")
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        return
     ref = outputs["peft_hf_fp32"]
 
     def same(name: str) -> dict:
@@ -189,14 +240,14 @@ def main() -> None:
 
     ratio = statistics.median(p / b for p, b in zip(times["peft_hf_fp32"], times["loralab_bf16"]))
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": machine,
         "settings": {**PAPER, "mrs": len(mrs), "rounds": args.rounds, "adapter": str(adapter)},
         "s_per_mr": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in times.items()},
         "greedy_tokens_per_s": {k: statistics.median(n / (t * len(mrs)) for n, t in zip(tokens[k], times[k]))
                                 for k in ("greedy_peft_hf", "greedy_loralab_bf16")},
         "gemm_floor": floor,
         "bf16_over_gemm_floor": statistics.median(times["loralab_bf16"]) / floor["s_per_mr"],
+        "bf16_over_all_matmuls": statistics.median(times["loralab_bf16"]) / floor["all_matmuls_s_per_mr"],
         "bf16_over_peft": ratio,
         "fp32_over_peft": statistics.median(p / b for p, b in zip(times["peft_hf_fp32"], times["loralab_fp32"])),
         "strings_vs_peft_hf": {"loralab_fp32": same("loralab_fp32"), "loralab_bf16": same("loralab_bf16")},
