@@ -99,6 +99,23 @@ def test_several_eos_ids_and_done_examples_leave_the_batch(cls, monkeypatch):
     assert shrank, "no example finished before the others: the test did not exercise dropping"
 
 
+def test_one_llama_stepper_serves_batches_of_every_shape():
+    """A stepper keeps its key/value memory for the next batch (more or fewer rows, wider or narrower
+    prompts, other beam counts): each batch still equals transformers', even with the memory left by the
+    last batch overwritten by large finite values (nothing outside the mask may read it)."""
+    model, rng = _peaky("llama", seed=3, eos=(2, 7)), random.Random(4)
+    steps = LlamaStepper(model)
+    for n, beams, new in ((3, 2, 10), (6, 4, 14), (2, 3, 6), (5, 4, 12)):
+        ids, mask = _batch(rng, n, 2)
+        ours = beam_search(model, ids, mask, beams, new, [2, 7], 0.9, 2, 2, steps=steps)
+        assert ours == _hf(model, ids, mask, beams, new, [2, 7], 0.9, 2, 2)
+        assert steps.storage.numel() > 0
+        steps.storage.fill_(1e4)
+        greedy = greedy_search(model, ids, mask, new, [2, 7], 2, steps=steps)
+        assert greedy == greedy_search(model, ids, mask, new, [2, 7], 2, steps=LlamaStepper(model))
+        steps.storage.fill_(-1e4)
+
+
 @pytest.mark.parametrize("arch,llama_stepper", [("llama", True), ("llama", False), ("gpt2", False)])
 def test_greedy_gives_transformers_greedy_tokens(arch, llama_stepper, monkeypatch):
     """Greedy decoding (num_beams=1) on both steppers equals transformers' ``generate``; rows that

@@ -8,16 +8,21 @@ For one new token per row (rows = examples x beams, example-major), per layer, w
     h     = x + W_o a
     y     = h + W_down (silu(g) * u),  g|u = W_gate|up n(h)                  one matmul
 
-Each layer's keys and values live in one static buffer per row, (rows, Hkv, P + max_new, D). Its prompt
-part (from the model's own forward over the prompt) is written once per row; a beam's parent is always a
-beam of the same example, so a reorder moves only the generated part (the prompt part moves only when
-an example leaves). Attention runs over the whole buffer with the unfilled tail masked: no per-step
-concatenation, and no copy of a sliced operand inside the batched matmuls (the CPU's fused attention
-kernel is ~13x slower for one query). RMSNorm and RoPE are transformers' arithmetic; the attention's
+All layers' keys and values live in one static buffer, (2 x layers, rows, Hkv, P + max_new, D), that the
+stepper keeps for its next batch (fresh memory costs page faults here: zero-filling a new 177 MB buffer
+took 0.65-0.8 s, refilling it 6 ms). Its prompt part (from the model's own forward over the prompt) is
+written once per row; a beam's parent is always a beam of the same example, so a reorder moves only the
+generated part; when an example leaves, the kept rows move up in place. Attention runs over each
+layer's whole (contiguous) buffer with the unfilled tail masked: no per-step concatenation, and no copy
+of a sliced operand inside the batched matmuls (the CPU's fused attention kernel is ~13x slower for one
+query); what lies behind the mask is finite (zeros, or keys and values of earlier rows and batches), so
+its zero weights add nothing. RMSNorm and RoPE are transformers' arithmetic; the attention's
 float rounding differs from its kernels by ~1e-7 in float32 (tested against them).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +77,7 @@ class LlamaStepper:
         self.w_qkv = [torch.cat((l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight))
                       for l in model.model.layers]
         self.w_gu = [torch.cat((l.mlp.gate_proj.weight, l.mlp.up_proj.weight)) for l in model.model.layers]
+        self.storage = torch.zeros(0, dtype=model.lm_head.weight.dtype)  # the key/value buffer's memory
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int) -> torch.Tensor:
         from transformers.cache_utils import DynamicCache
@@ -83,49 +89,52 @@ class LlamaStepper:
         self.prompt_k = [layer.keys for layer in cache.layers]  # (examples, Hkv, P, D), rotated; until step 1
         self.prompt_v = [layer.values for layer in cache.layers]
         self.prompt_pad = attention_mask == 0  # (examples, P)
-        self.keys: list[torch.Tensor] = []  # (rows, Hkv, max_len, D) per layer, made at the first step
-        self.values: list[torch.Tensor] = []
+        self.kv: torch.Tensor | None = None  # (2 x layers, rows, Hkv, max_len, D), made at the first step
         # the head on the last position as a 2-D matmul: transformers' logits_to_keep=1 slices a 3-D view,
         # which torch runs as a batched matmul over a copy of the head per example (0.45 s per batch of 8)
         return self.model.lm_head(out.last_hidden_state[:, -1])
 
     def _fill(self, rows: int) -> None:
-        """The per-row buffers: each example's prompt keys/values copied to its beams' rows (example-major)."""
-        beams, P = rows // self.prompt_pad.shape[0], self.prompt_pad.shape[1]
-        self.keys, self.values = [], []
-        for k, v in zip(self.prompt_k, self.prompt_v):
-            for prompt, store in ((k, self.keys), (v, self.values)):
-                buf = prompt.new_zeros(rows, self.Hkv, self.max_len, self.D)  # zeros: see step()
-                buf[:, :, :P] = prompt.repeat_interleave(beams, 0)
-                store.append(buf)
+        """The key/value buffer: each example's prompt keys/values copied to its beams' rows (example-major)."""
+        examples, P = self.prompt_pad.shape
+        shape = (2 * len(self.prompt_k), rows, self.Hkv, self.max_len, self.D)
+        size, dtype = math.prod(shape), self.prompt_k[0].dtype
+        if self.storage.numel() < size or self.storage.dtype != dtype:
+            self.storage = self.prompt_k[0].new_zeros(size)  # zeros: finite behind the mask
+        self.kv = self.storage[:size].view(shape)
+        for i, (k, v) in enumerate(zip(self.prompt_k, self.prompt_v)):
+            for j, prompt in ((2 * i, k), (2 * i + 1, v)):
+                self.kv[j, :, :, :P].unflatten(0, (examples, rows // examples)).copy_(prompt[:, None])
         pad = self.prompt_pad.new_zeros(rows, self.max_len)
-        pad[:, :P] = self.prompt_pad.repeat_interleave(beams, 0)
+        pad[:, :P] = self.prompt_pad.repeat_interleave(rows // examples, 0)
         self.pad = pad[:, None, None, :]  # (rows, 1, 1, max_len): True where a key is padding
         self.positions = torch.arange(self.max_len, device=pad.device)
         self.prompt_k = self.prompt_v = []
 
     def select(self, rows: torch.Tensor, examples: torch.Tensor) -> None:
-        if not self.keys:  # before the first step every beam's row is its example's one prompt row
+        if self.kv is None:  # before the first step every beam's row is its example's one prompt row
             if len(examples) != self.prompt_pad.shape[0]:
                 self.prompt_k = [k[examples] for k in self.prompt_k]
                 self.prompt_v = [v[examples] for v in self.prompt_v]
                 self.prompt_pad = self.prompt_pad[examples]
             return
-        P, t = self.prompt_pad.shape[1], self.gen_len
-        if len(rows) != self.keys[0].shape[0] or len(examples) != self.prompt_pad.shape[0]:
-            # an example left: new, smaller buffers (its rows' prompt parts move too)
-            self.keys = [_take(buf, rows, P + t) for buf in self.keys]
-            self.values = [_take(buf, rows, P + t) for buf in self.values]
+        P, t, kv = self.prompt_pad.shape[1], self.gen_len, self.kv
+        if len(rows) != kv.shape[1] or len(examples) != self.prompt_pad.shape[0]:
+            # an example left: the kept rows move up in place (their prompt parts too); the gather reads
+            # into a temporary first, so no row is overwritten before it is read
+            for buf in kv:  # (one gather per layer: indexing the rows of all layers at once was 4x slower)
+                buf[:len(rows), :, :P + t] = buf[rows, :, :P + t]
+            self.kv = kv[:, :len(rows)]  # each layer's part stays contiguous
             self.pad, self.prompt_pad = self.pad[rows], self.prompt_pad[examples]
             return
-        for buf in (*self.keys, *self.values):  # parents share the prompt: move the generated part only
+        for buf in kv:  # parents share the prompt: the generated part only
             buf[:, :, P:P + t] = buf[rows, :, P:P + t]
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         m, H, Hkv, D = self.model.model, self.H, self.Hkv, self.D
         R, P, t = len(tokens), self.prompt_pad.shape[1], self.gen_len
         G, end = H // Hkv, P + t + 1
-        if not self.keys:
+        if self.kv is None:
             self._fill(R)
         h = m.embed_tokens(tokens)
         cos, sin = m.rotary_emb(h, (attention_mask.sum(-1, keepdim=True) - 1))
@@ -136,7 +145,7 @@ class LlamaStepper:
         for i, layer in enumerate(m.layers):
             qkv = _rms(h, layer.input_layernorm) @ self.w_qkv[i].T
             qk = _rotate(qkv[:, :(H + Hkv) * D].view(R, H + Hkv, D), cos, sin)  # q and k rotated at once
-            keys, values = self.keys[i], self.values[i]
+            keys, values = self.kv[2 * i], self.kv[2 * i + 1]
             keys[:, :, P + t] = qk[:, H:]
             values[:, :, P + t] = qkv[:, (H + Hkv) * D:].view(R, Hkv, D)
             scores = (qk[:, :H].view(R, Hkv, G, D) @ keys.transpose(-1, -2)).float() * self.scaling
@@ -148,10 +157,3 @@ class LlamaStepper:
             h = h + (F.silu(gu[:, :inner]) * gu[:, inner:]) @ layer.mlp.down_proj.weight.T
         self.gen_len = t + 1
         return _rms(h, m.norm) @ self.model.lm_head.weight.T
-
-
-def _take(buf: torch.Tensor, rows: torch.Tensor, filled: int) -> torch.Tensor:
-    """Rows ``rows`` of a (rows, heads, capacity, dim) buffer, in a new buffer of the same capacity."""
-    out = buf.new_zeros(len(rows), *buf.shape[1:])
-    out[:, :, :filled] = buf[rows, :, :filled]
-    return out
