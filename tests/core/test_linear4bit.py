@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from loralab.core import dequant as DQ
 from loralab.core import quant as Q
 from loralab.core import quant_io
 from loralab.core.linear4bit import (Linear4bit, merge_and_requantize, merge_model, merge_to_full_precision,

@@ -300,7 +300,7 @@ def test_resume_of_a_run_a_live_process_owns_is_refused_and_changes_nothing(driv
 def test_two_processes_resuming_one_run(driver, tmp_path, toy_reference):
     """Real concurrency: the second resumer meets the first one alive, is refused (exit 2) and changes
     nothing; the first one finishes the run, bit-identical to the uninterrupted run."""
-    p = loralab(driver, *TOY, f"out_dir={tmp_path / 'runs'}", kill_step=10, best_step=6)
+    loralab(driver, *TOY, f"out_dir={tmp_path / 'runs'}", kill_step=10, best_step=6)
     run = only_run(tmp_path / "runs")
     first = loralab(driver, "train", "--resume", run, wait=False, best_step=6, sleep=0.15)
     try:

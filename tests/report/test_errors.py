@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib", reason="the report draws with matplotlib (pip 
 
 from loralab.report.commands import main
 
-from .conftest import make_analysis, make_run, make_sweep
+from .conftest import make_analysis, make_sweep
 
 
 def _fails(capsys, *argv: str) -> str:
