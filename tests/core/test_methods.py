@@ -5,8 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loralab.core.methods import (KINDS, METHODS, apply_method, load_method, merge_method,
-                                  save_method)
+from loralab.core.methods import KINDS, METHODS, apply_method, load_method, merge_method, save_method
 from loralab.models.tiny import ARCHS, tiny_model
 
 L, D = 2, 32

@@ -16,8 +16,8 @@ generated part; when an example leaves, the kept rows move up in place. Attentio
 layer's whole (contiguous) buffer with the unfilled tail masked: no per-step concatenation, and no copy
 of a sliced operand inside the batched matmuls (the CPU's fused attention kernel is ~13x slower for one
 query); what lies behind the mask is finite (zeros, or keys and values of earlier rows and batches), so
-its zero weights add nothing. RMSNorm and RoPE are transformers' arithmetic; the attention's
-float rounding differs from its kernels by ~1e-7 in float32 (tested against them).
+its zero weights add nothing. RMSNorm and RoPE are transformers' arithmetic; the attention's float
+rounding differs from its kernels by ~1e-7 in float32 (tested against them).
 """
 
 from __future__ import annotations
